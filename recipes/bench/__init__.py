@@ -1,0 +1,1 @@
+"""Benchmark suites; each module has ``main(argv)``."""
