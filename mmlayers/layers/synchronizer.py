@@ -1,0 +1,374 @@
+"""Multi-image multi-scale feature synchronizer (MMFS, MM-Interleaved §3.2).
+
+Shape key: b batch · n query tokens · m images · l pyramid levels · s flattened tokens of
+one image's pyramid (Σ_l size_l²) · h heads · p sampling points · d width · dh head width.
+
+Every query reads, with deformable sparse attention, a few learned points per head, per
+level, per image from the multi-scale maps of the images it may see. For query ``q`` and
+image ``k`` with relative position ``r_k`` (most recent visible image 1, the one before 2,
+…; invisible images 0)::
+
+    q_k      = W_q q + b_q + E[r_k]                      # E: (max_images, dq) table
+    offset_k = W_o q_k + b_o                              # (h, p, 2), shared by levels
+    loc_kl   = ref + offset_k · (size_l / base_size) / size_l
+    logit_kl = W_a q_k + b_a                              # (h, p) per level
+    A        = softmax over all (k, l, p) and one null slot of logit 0
+    out      = W_out · Σ_{k visible, l, p} A · bilinear(V_kl, loc_kl) + b_out
+
+The official module gives every (image, level) an extra "ignore" slot with logit
+−log(m·l) and a zero value, and adds −10000 to the logits of invisible images. The m·l
+ignore slots add exactly 1 to the softmax denominator (one slot of logit 0) and nothing to
+the numerator, and exp(logit − 10000) underflows to 0 in every float format, so the formula
+above is the same function. It is computed faster than the official code:
+
+- the projections are affine, so ``W_q q`` and ``W_o W_q q``/``W_a W_q q`` are computed once
+  per token and the per-image terms ``W_o E[r]`` and ``W_a E[r]`` come from a
+  (max_images, ·) table, instead of repeating the query m times before a dq×dq Linear;
+- invisible images are never sampled: each query's visible images are packed into slots
+  (slot j is relative position j + 1), queries are sorted by how many images they see and
+  processed in chunks, and one deformable-attention call per chunk reads all slots through a
+  per-level "tall" map where the images are stacked vertically with one zero row between
+  them (samples that leave their image are given weight 0, which is what zero padding
+  gives them in the official op).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from mmlayers.ops.deform_attn import multi_scale_deformable_attention
+
+__all__ = ["FeatureSynchronizer", "relative_image_positions"]
+
+_OFFICIAL_KEYS = ("dynamic_offset_mask.weight", "dynamic_offset_mask.bias",
+                  "sampling_offsets.weight", "sampling_offsets.bias",
+                  "attention_weights.weight", "attention_weights.bias",
+                  "value_proj.weight", "value_proj.bias",
+                  "output_proj.weight", "output_proj.bias", "query_relpos.weight")
+
+
+def relative_image_positions(visibility: torch.Tensor) -> torch.Tensor:
+    """Relative image index of every (query, image) pair.
+
+    Among the images a query may see, the most recent (highest index) is 1, the one before
+    it 2, …; images it may not see are 0.
+
+    Args:
+        visibility: (b, n, m) or (b, m) bool.
+
+    Returns:
+        long tensor of the same shape.
+
+    Example:
+        >>> import torch
+        >>> vis = torch.tensor([[True, False, True, True]])
+        >>> relative_image_positions(vis).tolist()
+        [[3, 0, 2, 1]]
+    """
+    v = visibility.long()
+    return (v.sum(-1, keepdim=True) + 1 - v.cumsum(-1)) * v
+
+
+class FeatureSynchronizer(nn.Module):
+    """Queries read fine-grained features of the images they may see (MMFS).
+
+    Args:
+        dim: attention width d (value_proj output, output_proj input); divisible by heads.
+        query_dim: query width dq.
+        value_dim: image feature width dv.
+        out_dim: output width; default ``dim``.
+        heads: h. points: p sampling points per head, level and image.
+        level_sizes: side of each square pyramid level of one image, e.g. (32, 16, 8).
+        base_size: offsets are multiplied by ``size_l / base_size`` (16 in the LLM).
+        offset_init: sampling-offset biases start uniform in ±offset_init (3 LLM, 1 UNet).
+        max_images: rows of the relative-position table; at most ``max_images − 1`` images
+            (row 0 is the "invisible" position).
+        backend: deformable-attention backend (see ``multi_scale_deformable_attention``).
+        query_chunk: queries per deformable-attention call; queries are grouped by how many
+            images they see so that each call samples only the images its queries see.
+
+    Differences from the official module (all exact, see the module docstring): the
+    dq→dq query Linear is named ``query_proj`` (officially ``dynamic_offset_mask``); the
+    logit Linear has no rows for the ignore slots (their logits are overwritten, so those
+    weights are dead); the zero ``ignore_token`` is not stored; a (b, n', m) visibility with
+    n' ≠ n is an error instead of silently using its last row.
+    :meth:`load_official_state_dict` maps released weights.
+
+    Example:
+        >>> import torch
+        >>> sync = FeatureSynchronizer(dim=32, query_dim=24, value_dim=16, heads=4, points=2,
+        ...                            level_sizes=(4, 2), base_size=2)
+        >>> query = torch.randn(2, 5, 24)                   # (b, n, dq)
+        >>> features = torch.randn(2, 3, 4 * 4 + 2 * 2, 16)  # (b, m, s, dv)
+        >>> visibility = torch.tensor([[True, True, False], [True, False, False]])
+        >>> sync(query, features, visibility).shape
+        torch.Size([2, 5, 32])
+    """
+
+    def __init__(self, *, dim: int, query_dim: int, value_dim: int, out_dim: int | None = None,
+                 heads: int = 16, points: int = 8, level_sizes: Sequence[int] = (32, 16, 8),
+                 base_size: int = 16, offset_init: float = 3.0, max_images: int = 50,
+                 backend: str | None = None, query_chunk: int = 64,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        out_dim = dim if out_dim is None else out_dim
+        for name, v in (("dim", dim), ("query_dim", query_dim), ("value_dim", value_dim),
+                        ("out_dim", out_dim), ("heads", heads), ("points", points),
+                        ("base_size", base_size), ("max_images", max_images),
+                        ("query_chunk", query_chunk)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if dim % heads:
+            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+        level_sizes = tuple(level_sizes)
+        if not level_sizes or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                  for x in level_sizes):
+            raise ValueError(f"level_sizes must be a non-empty sequence of positive ints "
+                             f"(square level sides), got {level_sizes!r}")
+        self.dim, self.query_dim, self.value_dim, self.out_dim = dim, query_dim, value_dim, out_dim
+        self.heads, self.points, self.level_sizes = heads, points, level_sizes
+        self.base_size, self.offset_init, self.max_images = base_size, float(offset_init), max_images
+        self.backend, self.query_chunk = backend, query_chunk
+        kw = {"device": device, "dtype": dtype}
+        levels = len(level_sizes)
+        self.query_proj = nn.Linear(query_dim, query_dim, **kw)
+        self.query_relpos = nn.Embedding(max_images, query_dim, **kw)
+        self.sampling_offsets = nn.Linear(query_dim, heads * points * 2, **kw)
+        self.attention_weights = nn.Linear(query_dim, heads * levels * points, **kw)
+        self.value_proj = nn.Linear(value_dim, dim, **kw)
+        self.output_proj = nn.Linear(dim, out_dim, **kw)
+        self.reset_parameters()
+
+    @property
+    def tokens_per_image(self) -> int:
+        """s = Σ_l size_l², the length of one image's flattened pyramid."""
+        return sum(x * x for x in self.level_sizes)
+
+    def reset_parameters(self) -> None:
+        """The official initialisation (xavier projections, zero offset weights, ±offset_init
+        offset biases, zero logit bias, relpos N(0, 0.02))."""
+        self.query_proj.reset_parameters()
+        nn.init.zeros_(self.query_proj.bias)
+        nn.init.zeros_(self.sampling_offsets.weight)
+        with torch.no_grad():
+            self.sampling_offsets.bias.uniform_(-self.offset_init, self.offset_init)
+        self.attention_weights.reset_parameters()
+        nn.init.zeros_(self.attention_weights.bias)
+        for lin in (self.value_proj, self.output_proj):
+            nn.init.xavier_uniform_(lin.weight)
+            nn.init.zeros_(lin.bias)
+        nn.init.trunc_normal_(self.query_relpos.weight, std=0.02)
+
+    def project_values(self, features: torch.Tensor) -> torch.Tensor:
+        """``value_proj`` of image features: (b, m, s, dv) → (b, m, s, d).
+
+        Pass the result as ``values=`` to reuse it across calls (e.g. decoding steps).
+        """
+        self._check_features(features, "features", self.value_dim)
+        return self.value_proj(features)
+
+    def _check_features(self, x, name: str, width: int) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        s = self.tokens_per_image
+        if x.dim() != 4 or x.shape[2] != s or x.shape[3] != width:
+            raise ValueError(
+                f"{name} must have shape (b, m, s={s}, {width}) for level_sizes "
+                f"{self.level_sizes} (s = Σ size²), got {tuple(x.shape)}")
+
+    def forward(self, query: torch.Tensor, features: torch.Tensor | None = None,
+                visibility: torch.Tensor | None = None, *, values: torch.Tensor | None = None,
+                reference_points: torch.Tensor | None = None) -> torch.Tensor:
+        """Synchronise queries with the images they may see.
+
+        Args:
+            query: (b, n, dq).
+            features: (b, m, s, dv) image pyramids, levels flattened row-major and
+                concatenated in ``level_sizes`` order. Give this or ``values``.
+            visibility: (b, m) or (b, n, m), bool (or 0/1); ``None``: every image visible to
+                every query. A query that sees no image gets ``output_proj(0)``.
+            values: (b, m, s, d) from :meth:`project_values`, instead of ``features``.
+            reference_points: (b, n, 2) or (1, n, 2) normalised (x, y); default the image
+                centre (0.5, 0.5).
+
+        Returns:
+            (b, n, out_dim) in the query's dtype.
+
+        Note:
+            One small device→host copy per call: the number of images each chunk of queries
+            sees (it sizes the sampling call).
+        """
+        q, vals, vis, ref = self._validate(query, features, visibility, values, reference_points)
+        b, n, _ = q.shape
+        m = vals.shape[1]
+        cdt = torch.float64 if torch.float64 in (q.dtype, vals.dtype) else torch.float32
+        qp = self.query_proj(q)
+        off = self.sampling_offsets(qp)
+        logit = self.attention_weights(qp)
+        table = self.query_relpos.weight
+        off_tab = F.linear(table, self.sampling_offsets.weight)
+        logit_tab = F.linear(table, self.attention_weights.weight)
+        count = vis.sum(-1)  # (b, n)
+        rank = torch.arange(m, device=vis.device).expand_as(vis)
+        # slot j of a query holds its (j + 1)-th most recent visible image (relpos j + 1)
+        slots = torch.where(vis, rank, -1).sort(-1, descending=True).values
+        tall = self._tall_values(vals)
+        chunk = self.query_chunk
+        if n > chunk:
+            perm = count.argsort(dim=1, descending=True, stable=True)
+            count, slots = count.gather(1, perm), _take(slots, perm)
+            off, logit = _take(off, perm), _take(logit, perm)
+            ref = _take(ref.expand(b, n, 2), perm)
+        n_chunks = -(-n // chunk)
+        widths = F.pad(count, (0, n_chunks * chunk - n)).view(b, n_chunks, chunk).amax((0, 2))
+        widths = widths.tolist()
+        outs = []
+        for i, v in enumerate(widths):
+            sl = slice(i * chunk, (i + 1) * chunk)
+            if v == 0:
+                c = count[:, sl].shape[1]
+                outs.append(qp.new_zeros((b, c, self.dim), dtype=vals.dtype))
+                continue
+            outs.append(self._sample(tall, m, off[:, sl], logit[:, sl], ref[:, sl],
+                                     count[:, sl], slots[:, sl, :v], off_tab[1:v + 1],
+                                     logit_tab[1:v + 1], cdt))
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        if n > chunk:
+            out = _take(out, perm.argsort(dim=1))
+        return self.output_proj(out.to(qp.dtype))
+
+    def _validate(self, query, features, visibility, values, reference_points):
+        if not isinstance(query, torch.Tensor):
+            raise TypeError(f"query must be a torch.Tensor, got {type(query).__name__}")
+        if query.dim() != 3 or query.shape[-1] != self.query_dim:
+            raise ValueError(f"query must have shape (b, n, query_dim={self.query_dim}), "
+                             f"got {tuple(query.shape)}")
+        if (features is None) == (values is None):
+            raise ValueError("pass exactly one of features (b, m, s, dv) and values "
+                             "(b, m, s, d) from project_values")
+        if values is None:
+            values = self.project_values(features)
+        else:
+            self._check_features(values, "values", self.dim)
+        b, n, _ = query.shape
+        m = values.shape[1]
+        if values.shape[0] != b:
+            raise ValueError(f"image batch {values.shape[0]} does not match query batch {b}")
+        if m >= self.max_images:
+            raise ValueError(f"got m={m} images but max_images={self.max_images} allows at "
+                             f"most {self.max_images - 1} (relative position 0 is reserved)")
+        if visibility is None:
+            vis = torch.ones(b, n, m, dtype=torch.bool, device=query.device)
+        else:
+            if not isinstance(visibility, torch.Tensor):
+                raise TypeError(f"visibility must be a torch.Tensor, got "
+                                f"{type(visibility).__name__}")
+            if tuple(visibility.shape) not in ((b, m), (b, n, m)):
+                raise ValueError(f"visibility must have shape (b, m)={(b, m)} or (b, n, m)="
+                                 f"{(b, n, m)}, got {tuple(visibility.shape)}")
+            vis = visibility if visibility.dtype == torch.bool else visibility != 0
+            if vis.dim() == 2:
+                vis = vis[:, None].expand(b, n, m)
+        if reference_points is None:
+            ref = torch.full((1, n, 2), 0.5, device=query.device)
+        else:
+            ref = reference_points
+            if ref.dim() != 3 or ref.shape[0] not in (1, b) or tuple(ref.shape[1:]) != (n, 2):
+                raise ValueError(f"reference_points must have shape (b, n, 2)={(b, n, 2)} or "
+                                 f"(1, n, 2), got {tuple(ref.shape)}")
+        return query, values, vis, ref
+
+    def _tall_values(self, vals: torch.Tensor) -> torch.Tensor:
+        """(b, m, s, d) → (b, Σ_l m·(size_l+1)·size_l, h, dh): per level, the m images stacked
+        vertically with one zero row under each."""
+        parts, start = [], 0
+        for size in self.level_sizes:
+            v = rearrange(vals[:, :, start:start + size * size], "b m (H W) d -> b m H W d",
+                          H=size)
+            v = F.pad(v, (0, 0, 0, 0, 0, 1))
+            parts.append(rearrange(v, "b m H W (h dh) -> b (m H W) h dh", h=self.heads))
+            start += size * size
+        return torch.cat(parts, dim=1)
+
+    def _sample(self, tall, m, off, logit, ref, count, slots, off_tab, logit_tab, cdt):
+        """Deformable read of ``v`` slots for one chunk of c queries → (b, c, d)."""
+        b, c, _ = off.shape
+        v = slots.shape[-1]
+        h, p, n_lv = self.heads, self.points, len(self.level_sizes)
+        off = rearrange(off.unsqueeze(2) + off_tab, "b c v (h p xy) -> b c h v p xy", h=h, p=p)
+        logit = rearrange(logit.unsqueeze(2) + logit_tab, "b c v (h l p) -> b c h l v p",
+                          h=h, l=n_lv)
+        slot_ok = torch.arange(v, device=count.device) < count[..., None]  # (b, c, v)
+        logit = logit.to(cdt).masked_fill(~slot_ok[:, :, None, None, :, None], -math.inf)
+        flat = rearrange(logit, "b c h l v p -> b c h (l v p)")
+        # the official m·l ignore slots of logit −log(m·l) and zero value = one null slot
+        flat = torch.cat((flat, flat.new_zeros(b, c, h, 1)), dim=-1).softmax(-1)[..., :-1]
+        weight = rearrange(flat, "b c h (l v p) -> b c h l v p", l=n_lv, v=v)
+        off, ref = off.to(cdt), ref.to(cdt)[:, :, None, None, None, :]
+        img = slots.clamp(min=0)[:, :, None, :, None].to(cdt)  # (b, c, 1, v, 1)
+        locs, ws = [], []
+        for li, size in enumerate(self.level_sizes):
+            x, y = (ref + off * (size / self.base_size) / size).unbind(-1)
+            py = y * size - 0.5
+            inside = (py > -1) & (py < size)  # rows this sample could read in its own image
+            ty = (img * (size + 1) + py + 0.5) / (m * (size + 1))
+            locs.append(torch.stack((x, ty), dim=-1))
+            ws.append(weight[:, :, :, li] * inside)
+        loc = rearrange(torch.stack(locs, 3), "b c h l v p xy -> b c h l (v p) xy")
+        w = rearrange(torch.stack(ws, 3), "b c h l v p -> b c h l (v p)")
+        shapes = [(m * (size + 1), size) for size in self.level_sizes]
+        return multi_scale_deformable_attention(tall, shapes, None, loc, w, backend=self.backend)
+
+    @torch.no_grad()
+    def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                                 prefix: str = "") -> None:
+        """Load the weights of one official ``MMFS`` module.
+
+        ``state_dict`` holds the official keys (``dynamic_offset_mask``, ``sampling_offsets``,
+        ``attention_weights``, ``value_proj``, ``output_proj``, ``query_relpos``,
+        ``ignore_token``) under ``prefix`` (e.g. ``"model.layers.0.llama_cross_attn.attn."``).
+        The ignore-slot rows of ``attention_weights`` are dropped (their logits are
+        overwritten in the official forward); ``ignore_token`` must be all zeros.
+
+        Raises:
+            ValueError: a missing key, a shape that does not match this layer, or a
+                non-zero ``ignore_token``.
+        """
+        sd = {k: state_dict[prefix + k] for k in _OFFICIAL_KEYS if prefix + k in state_dict}
+        missing = [prefix + k for k in _OFFICIAL_KEYS if k not in sd]
+        if missing:
+            raise ValueError(f"official MMFS state dict lacks {missing}")
+        ignore = state_dict.get(prefix + "ignore_token")
+        if ignore is not None and bool(ignore.ne(0).any()):
+            raise ValueError(f"{prefix}ignore_token is not all zeros; this layer assumes "
+                             "the official zero ignore value")
+        h, n_lv, p = self.heads, len(self.level_sizes), self.points
+        aw, ab = sd.pop("attention_weights.weight"), sd.pop("attention_weights.bias")
+        if aw.shape != (h * n_lv * (p + 1), self.query_dim):
+            raise ValueError(f"{prefix}attention_weights.weight has shape {tuple(aw.shape)}; "
+                             f"expected {(h * n_lv * (p + 1), self.query_dim)} for heads={h}, "
+                             f"levels={n_lv}, points={p}")
+        sd["attention_weights.weight"] = rearrange(
+            aw, "(h l p) d -> h l p d", h=h, l=n_lv)[:, :, :p].reshape(-1, self.query_dim)
+        sd["attention_weights.bias"] = rearrange(ab, "(h l p) -> h l p", h=h, l=n_lv)[
+            :, :, :p].reshape(-1)
+        sd["query_proj.weight"] = sd.pop("dynamic_offset_mask.weight")
+        sd["query_proj.bias"] = sd.pop("dynamic_offset_mask.bias")
+        own = self.state_dict()
+        for k, t in sd.items():
+            if t.shape != own[k].shape:
+                raise ValueError(f"official {k} has shape {tuple(t.shape)}; this layer "
+                                 f"expects {tuple(own[k].shape)}")
+        self.load_state_dict(sd)
+
+
+def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, i], ...] for (b, n, ...) x and (b, n') index."""
+    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return x.gather(1, idx)

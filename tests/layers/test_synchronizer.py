@@ -1,0 +1,235 @@
+"""FeatureSynchronizer against a plain per-image re-statement of the official MMFS."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+from mmlayers.layers.synchronizer import FeatureSynchronizer, relative_image_positions
+from mmlayers.ops import multi_scale_deformable_attention
+
+CFG = dict(dim=16, query_dim=12, value_dim=10, out_dim=14, heads=2, points=3,
+           level_sizes=(4, 2), base_size=2, offset_init=1.5, max_images=6)
+
+
+def official_sd(seed=0, dtype=torch.float64, **cfg):
+    """Random weights in the official MMFS layout (with ignore-slot logit rows)."""
+    c = {**CFG, **cfg}
+    g = torch.Generator().manual_seed(seed)
+    dq, dv, d, do = c["query_dim"], c["value_dim"], c["dim"], c["out_dim"]
+    h, p, nl = c["heads"], c["points"], len(c["level_sizes"])
+
+    def r(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+    return {
+        "dynamic_offset_mask.weight": r(dq, dq), "dynamic_offset_mask.bias": r(dq),
+        "sampling_offsets.weight": r(h * p * 2, dq, scale=0.2),
+        "sampling_offsets.bias": r(h * p * 2, scale=1.0),
+        "attention_weights.weight": r(h * nl * (p + 1), dq),
+        "attention_weights.bias": r(h * nl * (p + 1)),
+        "value_proj.weight": r(d, dv), "value_proj.bias": r(d),
+        "output_proj.weight": r(do, d), "output_proj.bias": r(do),
+        "query_relpos.weight": r(c["max_images"], dq),
+        "ignore_token": torch.zeros(1, 1, 1, d, dtype=dtype),
+    }
+
+
+def official_forward(sd, query, features, visibility, ref=None, **cfg):
+    """The official semantics, per image: repeat the query for every image, dq×dq Linear,
+    add the relpos row, offsets/logits per image, −10000 on invisible images, ignore slots
+    of logit −log(m·l) and zero value, one joint softmax, sample every image."""
+    c = {**CFG, **cfg}
+    h, p, sizes, base = c["heads"], c["points"], c["level_sizes"], c["base_size"]
+    nl = len(sizes)
+    b, n, _ = query.shape
+    m = features.shape[1]
+    vis = visibility if visibility.dim() == 3 else visibility[:, None].expand(b, n, m)
+    relpos = relative_image_positions(vis)  # (b, n, m)
+    value = F.linear(features, sd["value_proj.weight"], sd["value_proj.bias"])
+    value = rearrange(value, "b m s (h dh) -> b (m s) h dh", h=h)
+    q = query[:, None].expand(b, m, n, query.shape[-1])
+    q = F.linear(q, sd["dynamic_offset_mask.weight"], sd["dynamic_offset_mask.bias"])
+    q = q + sd["query_relpos.weight"][relpos.transpose(1, 2)]
+    off = F.linear(q, sd["sampling_offsets.weight"], sd["sampling_offsets.bias"])
+    off = rearrange(off, "b m n (h p xy) -> b n h m p xy", h=h, p=p)
+    if ref is None:
+        ref = torch.full((b, n, 2), 0.5, dtype=query.dtype)
+    locs = [ref[:, :, None, None, None] + off * (s / base) / s for s in sizes]
+    loc = rearrange(torch.stack(locs, 4), "b n h m l p xy -> b n h (m l) p xy")
+    logit = F.linear(q, sd["attention_weights.weight"], sd["attention_weights.bias"])
+    logit = rearrange(logit, "b m n (h l p) -> b n h m l p", h=h, l=nl)
+    logit = logit + (~vis).to(logit.dtype)[:, :, None, :, None, None] * -10000.0
+    logit[..., -1] = -math.log(m * nl)
+    w = rearrange(logit, "b n h m l p -> b n h (m l p)").softmax(-1)
+    w = rearrange(w, "b n h (m l p) -> b n h (m l) p", m=m, l=nl)
+    out = multi_scale_deformable_attention(value, [(s, s) for s in sizes] * m, None, loc,
+                                           w[..., :-1], backend="reference")
+    ignore = sd["ignore_token"].reshape(h, -1)  # zero value of every ignore slot
+    out = out + rearrange(w[..., -1].sum(-1)[..., None] * ignore, "b n h dh -> b n (h dh)")
+    return F.linear(out, sd["output_proj.weight"], sd["output_proj.bias"])
+
+
+def make(seed=0, dtype=torch.float64, **cfg):
+    torch.manual_seed(seed)
+    layer = FeatureSynchronizer(**{**CFG, **cfg}, dtype=dtype)
+    sd = official_sd(seed, dtype, **cfg)
+    layer.load_official_state_dict(sd)
+    return layer, sd
+
+
+def inputs(b=2, n=7, m=3, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = sum(x * x for x in CFG["level_sizes"])
+    query = torch.randn(b, n, CFG["query_dim"], generator=g).to(dtype)
+    feats = torch.randn(b, m, s, CFG["value_dim"], generator=g).to(dtype)
+    vis = torch.rand(b, n, m, generator=g) > 0.4
+    vis[0, 0] = False  # one query sees nothing
+    vis[1, 1] = True
+    return query, feats, vis
+
+
+@pytest.mark.parametrize("chunk", [64, 2])
+def test_hoisted_matches_official_fp64(chunk):
+    layer, sd = make()
+    layer.query_chunk = chunk
+    query, feats, vis = inputs()
+    ref = torch.rand(2, 7, 2, dtype=torch.float64)
+    for v, r in ((vis, None), (vis, ref), (vis[:, 3], None), (None, ref)):
+        full = torch.ones(2, 7, 3, dtype=torch.bool) if v is None else v
+        want = official_forward(sd, query, feats, full, r)
+        got = layer(query, feats, v, reference_points=r)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        got = layer(query, values=layer.project_values(feats), visibility=v,
+                    reference_points=r)
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_reference_backend_and_offsets_leaving_image():
+    # large offsets: many samples leave their image and must read zeros, not the neighbour
+    layer, sd = make(offset_init=0.0)
+    sd["sampling_offsets.bias"] = sd["sampling_offsets.bias"] * 4
+    layer.load_official_state_dict(sd)
+    layer.backend = "reference"
+    query, feats, vis = inputs(seed=3)
+    torch.testing.assert_close(layer(query, feats, vis), official_forward(sd, query, feats, vis),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_invisible_images_do_not_matter():
+    layer, _ = make()
+    query, feats, vis = inputs()
+    out = layer(query, feats, vis)
+    vis_img = vis.any(1)  # images some query of the row sees
+    for b, k in zip(*torch.nonzero(~vis.all(1), as_tuple=True), strict=True):
+        other = feats.clone()
+        other[b, k] = torch.randn_like(other[b, k]) * 100
+        out2 = layer(query, other, vis)
+        rows = ~vis[b, :, k]
+        torch.testing.assert_close(out2[b, rows], out[b, rows], rtol=0, atol=0)
+        if vis_img[b, k]:
+            assert not torch.allclose(out2[b, ~rows], out[b, ~rows])
+
+
+def test_query_that_sees_nothing_returns_ignore_output():
+    layer, _ = make()
+    query, feats, _ = inputs()
+    vis = torch.zeros(2, 7, 3, dtype=torch.bool)
+    want = layer.output_proj(torch.zeros(2, 7, CFG["dim"], dtype=torch.float64))
+    torch.testing.assert_close(layer(query, feats, vis), want, rtol=0, atol=0)
+    vis[0, 2, 1] = True
+    out = layer(query, feats, vis)
+    torch.testing.assert_close(out[0, 3:], want[0, 3:], rtol=0, atol=0)
+    assert not torch.allclose(out[0, 2], want[0, 2])
+
+
+def test_relative_positions_hand_made():
+    vis = torch.tensor([[[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]]]).bool()
+    assert relative_image_positions(vis).tolist() == [
+        [[3, 2, 1, 0], [3, 0, 2, 1], [0, 0, 0, 0], [0, 1, 0, 0]]]
+
+
+def test_relpos_table_is_used_per_image():
+    # only the relpos row differs between the two images' queries: changing row 2 changes
+    # queries that see two images and leaves queries that see one untouched
+    layer, _ = make()
+    query, feats, _ = inputs(m=2)
+    vis = torch.tensor([[True, False], [True, True]])
+    out = layer(query, feats, vis)
+    with torch.no_grad():
+        layer.query_relpos.weight[2] += 1.0
+    out2 = layer(query, feats, vis)
+    torch.testing.assert_close(out2[0], out[0], rtol=0, atol=0)
+    assert not torch.allclose(out2[1], out[1])
+
+
+def test_init_matches_official():
+    torch.manual_seed(0)
+    layer = FeatureSynchronizer(**CFG)
+    assert torch.all(layer.sampling_offsets.weight == 0)
+    assert layer.sampling_offsets.bias.abs().max() <= CFG["offset_init"]
+    assert layer.sampling_offsets.bias.abs().max() > 0.5 * CFG["offset_init"]
+    for name in ("attention_weights", "value_proj", "output_proj", "query_proj"):
+        assert torch.all(getattr(layer, name).bias == 0), name
+    bound = math.sqrt(6 / (CFG["value_dim"] + CFG["dim"]))
+    assert layer.value_proj.weight.abs().max() <= bound
+    assert 0.01 < layer.query_relpos.weight.std() < 0.03
+
+
+def test_gradcheck_fp64():
+    cfg = dict(dim=4, query_dim=3, value_dim=2, out_dim=3, heads=2, points=1,
+               level_sizes=(2, 1), base_size=2, max_images=4)
+    layer = FeatureSynchronizer(**cfg, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    query = torch.randn(1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    feats = torch.randn(1, 2, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    vis = torch.tensor([[[True, False], [True, True], [False, True]]])
+    assert torch.autograd.gradcheck(lambda q, f: layer(q, f, vis), (query, feats))
+
+
+def test_bf16_close_to_fp32():
+    torch.manual_seed(0)
+    layer = FeatureSynchronizer(**CFG)
+    query, feats, vis = (t.float() if t.is_floating_point() else t for t in inputs())
+    want = layer(query, feats, vis)
+    got = layer.to(torch.bfloat16)(query.bfloat16(), feats.bfloat16(), vis)
+    assert got.dtype == torch.bfloat16
+    rel = (got.float() - want).norm() / want.norm()
+    assert rel < 2e-2, rel
+
+
+def test_official_checkpoint_keys_round_trip_errors():
+    layer, sd = make()
+    bad = dict(sd)
+    bad["ignore_token"] = torch.ones_like(sd["ignore_token"])
+    with pytest.raises(ValueError, match="ignore_token"):
+        layer.load_official_state_dict(bad)
+    with pytest.raises(ValueError, match="lacks"):
+        layer.load_official_state_dict({k: v for k, v in sd.items() if "relpos" not in k})
+    prefixed = {"model.x." + k: v for k, v in sd.items()}
+    layer.load_official_state_dict(prefixed, prefix="model.x.")
+    with pytest.raises(ValueError, match="attention_weights"):
+        FeatureSynchronizer(**{**CFG, "points": 2}).load_official_state_dict(sd)
+
+
+def test_bad_input_errors():
+    layer, _ = make()
+    query, feats, vis = inputs()
+    with pytest.raises(ValueError, match="max_images=6"):
+        layer(query, feats.repeat(1, 2, 1, 1), None)
+    with pytest.raises(ValueError, match=r"visibility must have shape"):
+        layer(query, feats, vis[:, :3])
+    with pytest.raises(ValueError, match=r"s=20"):
+        layer(query, feats[:, :, :-1])
+    with pytest.raises(ValueError, match=r"query_dim=12"):
+        layer(query[..., :-1], feats, vis)
+    with pytest.raises(ValueError, match="exactly one"):
+        layer(query, feats, vis, values=layer.project_values(feats))
+    with pytest.raises(ValueError, match="reference_points"):
+        layer(query, feats, vis, reference_points=torch.rand(2, 7, 3))
+    with pytest.raises(ValueError, match="divisible"):
+        FeatureSynchronizer(dim=10, query_dim=4, value_dim=4, heads=3)
