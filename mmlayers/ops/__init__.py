@@ -2,11 +2,14 @@
 
 from mmlayers.ops.deform_attn import (
     DeformAttnBackend,
+    _ensure_builtin_backends,
     available_backends,
     explain_backends,
     multi_scale_deformable_attention,
     register_backend,
 )
+
+_ensure_builtin_backends()
 
 __all__ = [
     "DeformAttnBackend",

@@ -1,22 +1,30 @@
 """The ``"torch"`` backend: all levels at once through gathered corner indices.
 
-Every sample of every level becomes four (row, weight) pairs into one table of value rows
-(b·h·s, dh); ``torch.nn.functional.embedding_bag`` with per-sample weights then sums them
-without materialising the (n, l·p·4, dh) samples. Coordinates and bilinear weights are
-computed in fp32 (fp64 for fp64 inputs); fp16/bf16 values are read into an fp32 table so
-accumulation and value gradients are fp32 too, and the result is cast back once.
+Every sample becomes four (row, weight) pairs into one table of value rows (b·h·s, dh),
+and ``torch.nn.functional.embedding_bag`` with per-sample weights sums them without
+materialising the (n, l·p·4, dh) samples. The backward pass is written out by hand with
+the same primitive, because the generic ``embedding_bag`` backward is slow on CPU:
 
-Memory stays bounded: queries are processed in chunks of at most ``CHUNK_BYTES`` of
-index/weight state, and under autograd each chunk is wrapped in non-reentrant activation
-checkpointing, so only the inputs are kept for backward and each chunk's indices are
-rebuilt there. Pure PyTorch, so it runs on every device and inside ``torch.compile``.
+* value gradient: the transposed bag. Corner entries are sorted by table row once and
+  one ``embedding_bag`` over the output gradients sums, for every row, the weighted
+  gradients of the queries that read it (no atomics, no (n, l·p·4, dh) buffer).
+* location and weight gradients: for each sample, three 4-row bags of the value table
+  with the bilinear weights and their x / y derivatives, dotted with the output
+  gradient of the query.
+
+Coordinates, bilinear weights and all accumulation are fp32 (fp64 for fp64 inputs);
+fp16/bf16 values are read into an fp32 table and results are cast back once. Queries are
+processed in chunks of at most ``CHUNK_BYTES`` of working state and only the inputs are
+saved for backward, so memory stays bounded in training too. Pure PyTorch: it runs on
+every device and inside ``torch.compile``.
 """
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 from mmlayers.ops.deform_attn import (
     DeformAttnBackend,
@@ -28,80 +36,169 @@ from mmlayers.ops.deform_attn import (
 
 __all__ = ["CHUNK_BYTES", "torch_deformable_attention"]
 
-#: Upper bound on the index + weight state built for one chunk of queries (bytes).
+#: Upper bound on the working state built for one chunk of queries (bytes).
 CHUNK_BYTES = 256 * 2**20
 
 
-def _corner_plan(
-    loc: torch.Tensor,
-    attn: torch.Tensor,
-    size_xy: torch.Tensor,
-    starts: torch.Tensor,
-    base: torch.Tensor,
-    dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of the value table and weights of the 4 bilinear corners of every sample.
+class _Geometry:
+    """Corner rows and bilinear factors of the samples of one chunk of queries.
 
-    loc (b, q, h, l, p, 2), attn (b, q, h, l, p), size_xy (l, 1, 2) as (W, H),
-    starts (l, 1), base (b, 1, h, 1, 1) = (b·h index)·s  →  idx, w of shape (b·q·h, l·p·4).
+    loc (b, q, h, l, p, 2) → ``idx`` (b·q·h, l·p, 4) table rows, corners ordered
+    (x0 y0, x1 y0, x0 y1, x1 y1); ``wx``/``wy`` (b·q·h, l·p, 2) weights of the left/right
+    and top/bottom corners (zero outside the map); ``vx``/``vy`` their validity, which is
+    also |d w / d x|.
     """
-    w_l, h_l = size_xy[..., 0], size_xy[..., 1]  # (l, 1)
-    # Pixel coordinates, align_corners=False; clamp far-away points so that int casts stay
-    # finite (all four corners of a clamped point are outside, so it still reads zero).
-    x = torch.minimum(torch.maximum(loc[..., 0].to(dtype) * w_l - 0.5, w_l.new_tensor(-2.0)),
-                      w_l + 1)
-    y = torch.minimum(torch.maximum(loc[..., 1].to(dtype) * h_l - 0.5, h_l.new_tensor(-2.0)),
-                      h_l + 1)
-    x0, y0 = x.floor(), y.floor()
-    fx, fy = x - x0, y - y0
-    x0i, y0i = x0.long(), y0.long()
-    xs = torch.stack((x0i, x0i + 1, x0i, x0i + 1), dim=-1)  # (b, q, h, l, p, 4)
-    ys = torch.stack((y0i, y0i, y0i + 1, y0i + 1), dim=-1)
-    wx = torch.stack((1 - fx, fx, 1 - fx, fx), dim=-1)
-    wy = torch.stack((1 - fy, 1 - fy, fy, fy), dim=-1)
-    wl, hl = w_l.long()[..., None], h_l.long()[..., None]
-    valid = (xs >= 0) & (xs < wl) & (ys >= 0) & (ys < hl)
-    idx = base[..., None] + starts[..., None] + ys * wl + xs
-    idx = torch.where(valid, idx, torch.zeros_like(idx))
-    weight = attn.to(dtype)[..., None] * wx * wy * valid.to(dtype)
-    n_bags = idx.shape[0] * idx.shape[1] * idx.shape[2]
-    return idx.reshape(n_bags, -1), weight.reshape(n_bags, -1)
+
+    def __init__(self, loc, size_xy, starts, base, n_rows, dtype):
+        xy = loc.to(dtype) * size_xy - 0.5  # pixel coordinates, align_corners=False
+        # Clamp far-away points so integer casts stay finite; a clamped point has all four
+        # corners outside the map and still reads zero.
+        xy = torch.minimum(xy.clamp(min=-2.0), size_xy + 1)
+        xy0 = xy.floor()
+        frac = xy - xy0
+        i0 = xy0.to(base.dtype)
+        size_i = size_xy.to(base.dtype)
+        # validity of the two corners along each axis: 0 <= i0 < size, 0 <= i0 + 1 < size
+        v0 = ((i0 >= 0) & (i0 < size_i)).to(dtype)
+        v1 = ((i0 >= -1) & (i0 < size_i - 1)).to(dtype)
+        n_bags = loc.shape[0] * loc.shape[1] * loc.shape[2]
+        row = (base + starts + i0[..., 1] * size_i[..., 0] + i0[..., 0]).view(n_bags, -1, 1)
+        width = size_i[..., 0].expand(loc.shape[:-1]).reshape(n_bags, -1, 1)
+        offsets = torch.tensor([0, 1, 0, 1], dtype=base.dtype, device=base.device)
+        idx = row + offsets + width * torch.tensor([0, 0, 1, 1], dtype=base.dtype,
+                                                   device=base.device)
+        self.idx = idx.clamp_(0, n_rows - 1)
+        v = torch.stack((v0, v1), -1).view(n_bags, -1, 2, 2)  # (…, xy, corner)
+        f = frac.view(n_bags, -1, 2, 1)
+        w = torch.cat((1 - f, f), -1) * v
+        self.wx, self.wy = w[:, :, 0], w[:, :, 1]
+        self.vx, self.vy = v[:, :, 0], v[:, :, 1]
+
+    def corner_weights(self) -> torch.Tensor:
+        """Bilinear weight of each corner → (b·q·h, l·p, 4)."""
+        return (self.wy[..., :, None] * self.wx[..., None, :]).flatten(-2)
 
 
-def _chunk(table, loc, attn, size_xy, starts, base, dtype):
-    idx, weight = _corner_plan(loc, attn, size_xy, starts, base, dtype)
-    return F.embedding_bag(idx, table, per_sample_weights=weight, mode="sum")
+def _setup(value, shapes, starts, dtype):
+    b, s, h, dh = value.shape
+    device = value.device
+    n_levels = len(shapes)
+    size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=dtype,
+                           device=device).view(n_levels, 1, 2)
+    # int32 rows when they fit: half the index traffic, and every kernel used takes them.
+    index_dtype = torch.int32 if b * h * s < 2**31 else torch.long
+    base = (torch.arange(b * h, device=device, dtype=index_dtype) * s).view(b, 1, h, 1, 1)
+    starts_t = torch.tensor(starts, dtype=index_dtype, device=device).view(n_levels, 1)
+    return size_xy, starts_t, base
+
+
+def _query_chunk(b, h, n_levels, p, dh, dtype, chunk_bytes):
+    item = torch.finfo(dtype).bits // 8
+    # Per query and sample: 4 corners × (row, sort key, order, bag id, ~4 weights) and, when
+    # the corner dots cannot use SDDMM (torch.compile), the gathered rows.
+    per_corner = 8 * 4 + item * 4 + (item * dh if torch.compiler.is_compiling() else 0)
+    per_query = b * h * n_levels * p * 4 * per_corner
+    return max(1, chunk_bytes // per_query)
+
+
+class _GatherDeformAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, loc, attn, shapes, starts, chunk_bytes):
+        b, s, h, dh = value.shape
+        n, n_levels, p = loc.shape[1], loc.shape[3], loc.shape[4]
+        dtype = compute_dtype(value, loc, attn)
+        table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
+        size_xy, starts_t, base = _setup(value, shapes, starts, dtype)
+        q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, chunk_bytes)
+        outs = []
+        for q0 in range(0, n, q_chunk):
+            geo = _Geometry(loc[:, q0:q0 + q_chunk], size_xy, starts_t, base, table.shape[0],
+                            dtype)
+            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(geo.idx.shape[:2] + (1,))
+            weight = a * geo.corner_weights()
+            out = F.embedding_bag(geo.idx.flatten(1), table, per_sample_weights=weight.flatten(1),
+                                  mode="sum")
+            outs.append(out.view(b, -1, h * dh))
+        ctx.save_for_backward(value, loc, attn)
+        ctx.shapes, ctx.starts, ctx.chunk_bytes = shapes, starts, chunk_bytes
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+        return out.to(value.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        value, loc, attn = ctx.saved_tensors
+        b, s, h, dh = value.shape
+        n, n_levels, p = loc.shape[1], loc.shape[3], loc.shape[4]
+        dtype = compute_dtype(value, loc, attn)
+        need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
+        table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
+        n_rows = table.shape[0]
+        size_xy, starts_t, base = _setup(value, ctx.shapes, ctx.starts, dtype)
+        g_all = grad_out.to(dtype).reshape(b, n, h, dh)
+        grad_table = torch.zeros_like(table) if need_v else None
+        grad_loc, grad_attn = [], []
+        q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, ctx.chunk_bytes)
+        rows = torch.arange(n_rows, device=value.device, dtype=base.dtype)
+        for q0 in range(0, n, q_chunk):
+            loc_c = loc[:, q0:q0 + q_chunk]
+            geo = _Geometry(loc_c, size_xy, starts_t, base, n_rows, dtype)
+            n_bags, lp = geo.idx.shape[:2]
+            g = g_all[:, q0:q0 + q_chunk].reshape(n_bags, dh)
+            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(n_bags, lp, 1)
+            if need_v:
+                # Transposed bag: sort corner entries by row, sum weighted query grads.
+                weight = (a * geo.corner_weights()).flatten()
+                sorted_rows, order = torch.sort(geo.idx.flatten())
+                offsets = torch.searchsorted(sorted_rows, rows)
+                bag_of = torch.div(order, lp * 4, rounding_mode="floor").to(offsets.dtype)
+                grad_table += F.embedding_bag(bag_of, g, offsets,
+                                              per_sample_weights=weight[order], mode="sum")
+            if need_loc or need_attn:
+                # d[y, x] = <V[row of corner (x, y)], g>: the gradient of each corner weight.
+                d = _corner_dots(table, geo.idx, g).view(n_bags, lp, 2, 2)
+                along_x = (d * geo.wx[:, :, None, :]).sum(-1)  # (bags, lp, y)
+                grad_attn.append((along_x * geo.wy).sum(-1)
+                                 .reshape(attn[:, q0:q0 + q_chunk].shape))
+                if need_loc:
+                    sign = torch.tensor([-1.0, 1.0], dtype=dtype, device=value.device)
+                    dx = ((d * (geo.vx * sign)[:, :, None, :]).sum(-1) * geo.wy).sum(-1)
+                    dy = (along_x * geo.vy * sign).sum(-1)
+                    scale = size_xy.view(1, n_levels, 1, 2).expand(1, n_levels, p, 2)
+                    d_xy = torch.stack((dx, dy), -1) * a * scale.reshape(1, lp, 2)
+                    grad_loc.append(d_xy.reshape(loc_c.shape))
+        grad_value = None
+        if need_v:
+            grad_value = grad_table.view(b, h, s, dh).permute(0, 2, 1, 3).to(value.dtype)
+        g_loc = torch.cat(grad_loc, dim=1).to(loc.dtype) if need_loc else None
+        g_attn = torch.cat(grad_attn, dim=1).to(attn.dtype) if need_attn else None
+        return grad_value, g_loc, g_attn, None, None, None
+
+
+def _corner_dots(table: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``out[n, j, c] = <table[idx[n, j, c]], g[n]>`` for idx (bags, lp, 4), g (bags, dh).
+
+    A sampled dense-dense matmul (SDDMM) over the corner pattern when the device has one,
+    else a gather (materialises (bags, lp, 4, dh); used under ``torch.compile``, which does
+    not trace sparse tensors).
+    """
+    n_bags, k = idx.shape[0], idx.shape[1] * idx.shape[2]
+    if table.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
+        crow = torch.arange(0, n_bags * k + 1, k, device=idx.device, dtype=idx.dtype)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" is not for users
+            warnings.simplefilter("ignore")
+            pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), table.new_zeros(n_bags * k),
+                                              size=(n_bags, table.shape[0]))
+            out = torch.sparse.sampled_addmm(pattern, g, table.t(), beta=0.0)
+        return out.values().view(idx.shape)
+    return torch.einsum("njcd,nd->njc", F.embedding(idx.long(), table), g)
 
 
 def torch_deformable_attention(inputs: DeformAttnInputs, chunk_bytes: int | None = None
                                ) -> torch.Tensor:
     """Gather + ``embedding_bag`` implementation; see the module docstring."""
-    value, loc, attn = inputs.value, inputs.sampling_locations, inputs.attention_weights
-    b, s, h, dh = value.shape
-    n, n_levels, p = loc.shape[1], loc.shape[3], loc.shape[4]
-    dtype = compute_dtype(value, loc, attn)
-    device = value.device
-    # (b·h·s, dh) table in the compute dtype; one copy of value.
-    table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
-    size_xy = torch.tensor([(w, hh) for hh, w in inputs.shapes], dtype=dtype,
-                           device=device).view(n_levels, 1, 2)
-    starts = torch.tensor(inputs.starts, dtype=torch.long, device=device).view(n_levels, 1)
-    base = (torch.arange(b * h, device=device, dtype=torch.long) * s).view(b, 1, h, 1, 1)
-    per_query = b * h * n_levels * p * 4 * (8 + torch.finfo(dtype).bits // 8 * 4)
-    q_chunk = max(1, (chunk_bytes or CHUNK_BYTES) // per_query)
-    use_ckpt = torch.is_grad_enabled() and (
-        value.requires_grad or loc.requires_grad or attn.requires_grad)
-    outs = []
-    for q0 in range(0, n, q_chunk):
-        args = (table, loc[:, q0:q0 + q_chunk], attn[:, q0:q0 + q_chunk], size_xy, starts,
-                base, dtype)
-        if use_ckpt and q_chunk < n:
-            out = checkpoint(_chunk, *args, use_reentrant=False)
-        else:
-            out = _chunk(*args)
-        outs.append(out.view(b, -1, h * dh))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.to(value.dtype)
+    return _GatherDeformAttn.apply(inputs.value, inputs.sampling_locations,
+                                   inputs.attention_weights, inputs.shapes, inputs.starts,
+                                   chunk_bytes or CHUNK_BYTES)
 
 
 register_backend(DeformAttnBackend(

@@ -79,14 +79,22 @@ def register_backend(backend: DeformAttnBackend) -> DeformAttnBackend:
     return backend
 
 
+_BUILTINS_LOADED = False
+
+
 def _ensure_builtin_backends() -> None:
-    # Imported here, not at module import, so the registry module has no cycles.
+    """Import the built-in backends once (``mmlayers.ops`` does it at import time)."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    # Imported here, not at module top, so the registry module has no import cycles.
     from mmlayers.ops import _reference, _torch  # noqa: F401
 
     try:
         from mmlayers.ops import _triton  # noqa: F401
-    except ImportError:  # the module itself imports triton lazily; keep going regardless
+    except ImportError:  # _triton imports triton lazily; a broken install must not break us
         pass
+    _BUILTINS_LOADED = True
 
 
 def available_backends() -> list[str]:
