@@ -1,0 +1,202 @@
+"""Drive a Hugging Face vision transformer one layer group at a time.
+
+Shape key: b batch · t tokens (prefix + H·W patches) · d width · c,H,W image.
+
+:class:`ViTBackbone` wraps a ``transformers`` vision model (CLIP, SigLIP, ViT, and any
+model laid out the same way) and exposes what a ViT-Adapter needs: the patch
+embedding, the encoder layers as a list that can be run in groups, and the final norm.
+It only uses the modules' public ``forward``; it copies and patches nothing, and it does
+not import ``transformers``.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+__all__ = ["ViTBackbone", "as_vit_backbone"]
+
+_LAYER_PATHS = ("encoder.layers", "encoder.layer", "layers", "layer")
+
+
+def _get(module: nn.Module, path: str):
+    for part in path.split("."):
+        module = getattr(module, part, None)
+        if module is None:
+            return None
+    return module
+
+
+def _pair(v) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+class ViTBackbone(nn.Module):
+    """A Hugging Face ViT seen as ``embed → layers[0] … layers[L−1] → final_norm``.
+
+    Supported layouts (``model`` or its ``vision_model`` attribute):
+
+    - ``embeddings`` (pixels → tokens, with or without a CLS token),
+    - optional ``pre_layrnorm`` (CLIP),
+    - the layer list at ``encoder.layers``, ``encoder.layer``, ``layers`` or ``layer``,
+    - a final norm on the last hidden state: ``layernorm`` (ViT) or ``post_layernorm``
+      (SigLIP). CLIP's ``post_layernorm`` only touches the pooled CLS token, so for CLIP
+      the last hidden state is the raw encoder output, as in ``CLIPVisionModel``.
+
+    Together these reproduce the model's own ``last_hidden_state``.
+
+    Args:
+        model: the vision model, e.g. ``CLIPVisionModel``, ``SiglipVisionModel``,
+            ``ViTModel`` (with ``add_pooling_layer`` irrelevant: the pooler is unused).
+
+    Raises:
+        TypeError: when the model lacks embeddings, a layer list or a config with
+            ``hidden_size``, ``num_attention_heads``, ``image_size`` and ``patch_size``.
+
+    Shapes:
+        pixel_values (b, c, H·p, W·p) → last hidden state (b, t, d) with
+        t = num_prefix_tokens + H·W.
+
+    Example:
+        >>> import torch
+        >>> from transformers import CLIPVisionConfig, CLIPVisionModel
+        >>> from mmlayers.layers.hf_vit import ViTBackbone
+        >>> cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                        num_attention_heads=4, image_size=32, patch_size=8)
+        >>> vit = ViTBackbone(CLIPVisionModel(cfg))
+        >>> vit.grid_size, vit.num_prefix_tokens, vit.depth
+        ((4, 4), 1, 2)
+        >>> vit(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 17, 32])
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(model, ViTBackbone):
+            raise TypeError("model is already a ViTBackbone; use it directly")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.model = model
+        root = getattr(model, "vision_model", model)
+        name = type(model).__name__
+        config = getattr(root, "config", None) or getattr(model, "config", None)
+        missing = [k for k in ("hidden_size", "num_attention_heads", "image_size", "patch_size")
+                   if not hasattr(config, k)]
+        if config is None or missing:
+            raise TypeError(
+                f"cannot drive {name}: expected a Hugging Face vision model whose config has "
+                f"hidden_size, num_attention_heads, image_size and patch_size; missing {missing}"
+            )
+        embeddings = getattr(root, "embeddings", None)
+        layers = next((m for p in _LAYER_PATHS if isinstance(m := _get(root, p), nn.ModuleList)), None)
+        if embeddings is None or layers is None or len(layers) == 0:
+            raise TypeError(
+                f"cannot drive {name}: expected an `embeddings` module and a non-empty layer "
+                f"list at one of {', '.join(_LAYER_PATHS)} (on the model or its `vision_model`)"
+            )
+        self._root_is_model = root is model
+        self.hidden_size = int(config.hidden_size)
+        self.num_heads = int(config.num_attention_heads)
+        self.image_size = _pair(config.image_size)
+        self.patch_size = _pair(config.patch_size)
+        self.num_channels = int(getattr(config, "num_channels", 3))
+        self.grid_size = (self.image_size[0] // self.patch_size[0],
+                          self.image_size[1] // self.patch_size[1])
+        model_type = str(getattr(config, "model_type", ""))
+        self._pre_norm_name = "pre_layrnorm" if hasattr(root, "pre_layrnorm") else None
+        self._final_norm_name = None
+        if isinstance(getattr(root, "layernorm", None), nn.Module):
+            self._final_norm_name = "layernorm"
+        elif isinstance(getattr(root, "post_layernorm", None), nn.Module) and not model_type.startswith("clip"):
+            self._final_norm_name = "post_layernorm"
+        params = inspect.signature(type(layers[0]).forward).parameters
+        self._layer_kwargs = {k: None for k in ("attention_mask", "causal_attention_mask")
+                              if k in params and params[k].default is inspect.Parameter.empty}
+        tokens = self._count_tokens(embeddings)
+        self.num_prefix_tokens = tokens - self.grid_size[0] * self.grid_size[1]
+        if self.num_prefix_tokens < 0:
+            raise TypeError(f"cannot drive {name}: its embeddings give {tokens} tokens for a "
+                            f"{self.grid_size} patch grid")
+
+    def _count_tokens(self, embeddings: nn.Module) -> int:
+        table = getattr(embeddings, "position_embeddings", None)
+        if isinstance(table, torch.Tensor) and table.dim() >= 2:
+            return int(table.shape[-2])
+        table = getattr(embeddings, "position_embedding", None)
+        if isinstance(table, nn.Embedding):
+            return int(table.num_embeddings)
+        with torch.no_grad():  # no position table to read: embed one blank image
+            probe = torch.zeros(1, self.num_channels, *self.image_size,
+                                dtype=self._param_dtype(), device=self._param_device())
+            return int(embeddings(probe).shape[1])
+
+    # -- pieces -------------------------------------------------------------------------
+    @property
+    def root(self) -> nn.Module:
+        return self.model if self._root_is_model else self.model.vision_model
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        root = self.root
+        return next(m for p in _LAYER_PATHS if isinstance(m := _get(root, p), nn.ModuleList))
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def _param_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def check_pixels(self, pixel_values: torch.Tensor) -> None:
+        """Raise ``ValueError`` unless ``pixel_values`` is (b, c, H·p, W·p) for this ViT."""
+        if not isinstance(pixel_values, torch.Tensor):
+            raise TypeError(f"pixel_values must be a tensor, got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must have shape (b, c, H, W), got {tuple(pixel_values.shape)}")
+        c, hh, ww = pixel_values.shape[1:]
+        if c != self.num_channels:
+            raise ValueError(f"pixel_values has {c} channels but the ViT expects {self.num_channels}")
+        if (hh, ww) != self.image_size:
+            raise ValueError(
+                f"pixel_values is {hh}x{ww} px but the ViT expects {self.image_size[0]}x"
+                f"{self.image_size[1]} ({self.grid_size[0]}x{self.grid_size[1]} patches of "
+                f"{self.patch_size[0]}x{self.patch_size[1]}); resize the images first"
+            )
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Patch + position embedding (and CLIP's pre-norm): (b, c, H·p, W·p) → (b, t, d)."""
+        self.check_pixels(pixel_values)
+        root = self.root
+        x = root.embeddings(pixel_values.to(self._param_dtype()))
+        if self._pre_norm_name is not None:
+            x = getattr(root, self._pre_norm_name)(x)
+        return x
+
+    def run_layers(self, hidden_states: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Run layers ``start … end−1`` through their own ``forward``: (b, t, d) → (b, t, d)."""
+        for layer in self.layers[start:end]:
+            out = layer(hidden_states, **self._layer_kwargs)
+            hidden_states = out[0] if isinstance(out, tuple) else out
+        return hidden_states
+
+    def final_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The norm the model applies to its last hidden state (identity for CLIP)."""
+        if self._final_norm_name is None:
+            return hidden_states
+        return getattr(self.root, self._final_norm_name)(hidden_states)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's ``last_hidden_state``: (b, c, H·p, W·p) → (b, t, d)."""
+        return self.final_norm(self.run_layers(self.embed(pixel_values)))
+
+
+def as_vit_backbone(vit: nn.Module) -> ViTBackbone:
+    """Return ``vit`` if it is a :class:`ViTBackbone`, else wrap it in one."""
+    return vit if isinstance(vit, ViTBackbone) else ViTBackbone(vit)

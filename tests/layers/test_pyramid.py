@@ -1,0 +1,166 @@
+import pytest
+import torch
+from einops import rearrange
+from torch import nn
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+    ViTConfig,
+    ViTModel,
+)
+
+from mmlayers.layers.hf_vit import ViTBackbone
+from mmlayers.layers.posembed import sincos_2d
+from mmlayers.layers.pyramid import SimpleFeaturePyramid, ViTAdapterPyramid, split_depth
+
+FAMILIES = {
+    "clip": (CLIPVisionConfig, CLIPVisionModel, 1),
+    "siglip": (SiglipVisionConfig, SiglipVisionModel, 0),
+    "vit": (ViTConfig, ViTModel, 1),
+}
+
+
+def tiny_vit(family="clip", *, image_size=32, patch_size=8, layers=4):
+    torch.manual_seed(0)
+    cfg_cls, model_cls, _ = FAMILIES[family]
+    cfg = cfg_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                  num_attention_heads=4, image_size=image_size, patch_size=patch_size)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_shapes_feature_info_and_identity_at_init(family):
+    vit = tiny_vit(family)
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = pyramid(x, vit)
+        bare = vit(pixel_values=x).last_hidden_state
+    prefix = FAMILIES[family][2]
+    assert out.last_hidden_state.shape == (2, prefix + 16, 32)
+    assert [tuple(m.shape) for m in out.levels] == [(2, 32, 16, 16), (2, 32, 8, 8),
+                                                    (2, 32, 4, 4), (2, 32, 2, 2)]
+    assert pyramid.feature_info == [
+        {"num_chs": 32, "reduction": 4, "size": (16, 16)},
+        {"num_chs": 32, "reduction": 8, "size": (8, 8)},
+        {"num_chs": 32, "reduction": 16, "size": (4, 4)},
+        {"num_chs": 32, "reduction": 32, "size": (2, 2)},
+    ]
+    # zero-initialised injectors: the ViT computes exactly what it computes alone
+    torch.testing.assert_close(out.last_hidden_state, bare, rtol=0, atol=1e-6)
+    # ... and a non-zero injector scale does change it (the test above can fail)
+    with torch.no_grad():
+        pyramid.interactions[0].injector.gamma.fill_(0.5)
+        moved = pyramid(x, vit).last_hidden_state
+    assert (moved - bare).abs().max() > 1e-3
+
+
+def test_groups_follow_depth():
+    assert split_depth(24, 4) == [(0, 6), (6, 12), (12, 18), (18, 24)]  # ViT-L/14 in the paper
+    assert split_depth(6, 4) == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert split_depth(12, 4) == [(0, 3), (3, 6), (6, 9), (9, 12)]
+    pyramid = ViTAdapterPyramid.from_vit(tiny_vit(layers=6), inplanes=8)
+    assert pyramid.interaction_indexes == [(0, 2), (2, 3), (3, 4), (4, 6)]
+    assert [len(b.extractors) for b in pyramid.interactions] == [1, 1, 1, 3]
+    two = ViTAdapterPyramid.from_vit(tiny_vit(layers=6), inplanes=8,
+                                     interaction_indexes=[(0, 1), (1, 6)])
+    assert len(two.interactions) == 2
+
+
+def test_layer_groups_run_every_layer_once():
+    vit = tiny_vit(layers=6)
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8, interaction_indexes=[(0, 1), (1, 6)])
+    calls = []
+    handles = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+               for i, layer in enumerate(ViTBackbone(vit).layers)]
+    with torch.no_grad():
+        pyramid(torch.rand(1, 3, 32, 32), vit)
+    for h in handles:
+        h.remove()
+    assert calls == [0, 1, 2, 3, 4, 5]
+
+
+def test_gradients_reach_adapter_not_frozen_vit():
+    vit = tiny_vit("clip").requires_grad_(False)
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    with torch.no_grad():  # let the injector pass gradient into its attention too
+        for block in pyramid.interactions:
+            block.injector.gamma.fill_(0.1)
+    out = pyramid(torch.rand(2, 3, 32, 32), vit)
+    (sum(m.square().mean() for m in out.levels) + out.last_hidden_state.square().mean()).backward()
+    assert all(p.grad is None for p in vit.parameters())
+    for name, p in pyramid.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert pyramid.spm.stem[0].weight.grad.abs().sum() > 0
+    assert pyramid.interactions[0].injector.attn.value_proj.weight.grad.abs().sum() > 0
+    assert pyramid.interactions[-1].extractors[2].ffn.fc1.weight.grad.abs().sum() > 0
+
+
+def test_fixed_sincos_per_level():
+    vit = tiny_vit()
+    torch.manual_seed(1)
+    with_pe = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    without = ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_embed=False)
+    without.load_state_dict(with_pe.state_dict())
+    assert not any("pos_embed" in k for k in with_pe.state_dict())  # fixed, not saved
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        a, b = with_pe(x, vit).levels, without(x, vit).levels
+    for level, (h, w) in zip(range(4), [(16, 16), (8, 8), (4, 4), (2, 2)], strict=True):
+        want = rearrange(sincos_2d(h, w, 32, base_size=(4, 4)), "(H W) d -> 1 d H W", H=h)
+        torch.testing.assert_close(a[level] - b[level], want, rtol=0, atol=1e-5)
+
+
+def test_odd_grid_and_patch16():
+    vit = tiny_vit("vit", image_size=24, patch_size=8)  # 3x3 grid: c4 is ceil(3/2) = 2
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    with torch.no_grad():
+        out = pyramid(torch.rand(1, 3, 24, 24), vit)
+    assert [tuple(m.shape[-2:]) for m in out.levels] == [(12, 12), (6, 6), (3, 3), (2, 2)]
+
+
+def test_bad_inputs():
+    vit = tiny_vit()
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    with pytest.raises(ValueError, match=r"is 28x28 px but the ViT expects 32x32 \(4x4 patches of 8x8\)"):
+        pyramid(torch.rand(1, 3, 28, 28), vit)
+    with pytest.raises(ValueError, match="has 1 channels but the ViT expects 3"):
+        pyramid(torch.rand(1, 1, 32, 32), vit)
+    with pytest.raises(ValueError, match=r"must have shape \(b, c, H, W\), got \(3, 32, 32\)"):
+        pyramid(torch.rand(3, 32, 32), vit)
+    with pytest.raises(ValueError, match=r"built for a ViT with .* = \(32, 4, \(4, 4\)\), .* has \(32, 6"):
+        pyramid(torch.rand(1, 3, 32, 32), tiny_vit(layers=6))
+    with pytest.raises(TypeError, match="cannot drive Sequential"):
+        pyramid(torch.rand(1, 3, 32, 32), nn.Sequential(nn.Conv2d(3, 8, 3)))
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        ViTAdapterPyramid.from_vit("openai/clip-vit-large-patch14")
+    with pytest.raises(ValueError, match="cannot split a ViT of depth 2 into 4 interaction groups"):
+        ViTAdapterPyramid.from_vit(tiny_vit(layers=2))
+    with pytest.raises(ValueError, match="contiguous half-open ranges covering layers 0..3"):
+        ViTAdapterPyramid.from_vit(vit, interaction_indexes=[(0, 2), (3, 4)])
+
+
+def test_simple_feature_pyramid():
+    torch.manual_seed(0)
+    fpn = SimpleFeaturePyramid(32, grid_size=(4, 4), out_dim=16)
+    x = torch.randn(2, 32, 4, 4, requires_grad=True)
+    levels = fpn(x)
+    assert [tuple(m.shape) for m in levels] == [(2, 16, 16, 16), (2, 16, 8, 8),
+                                                (2, 16, 4, 4), (2, 16, 2, 2)]
+    assert [(f["num_chs"], f["reduction"], f["size"]) for f in fpn.feature_info] == [
+        (16, 4, (16, 16)), (16, 8, (8, 8)), (16, 16, (4, 4)), (16, 32, (2, 2))]
+    sum(m.sum() for m in levels).backward()
+    assert x.grad.abs().sum() > 0
+    # the fixed sincos table is the only difference pos_embed makes
+    plain = SimpleFeaturePyramid(32, grid_size=(4, 4), out_dim=16, pos_embed=False)
+    plain.load_state_dict(fpn.state_dict())
+    with torch.no_grad():
+        diff = fpn(x)[1] - plain(x)[1]
+    want = rearrange(sincos_2d(8, 8, 16, base_size=(4, 4)), "(H W) d -> 1 d H W", H=8)
+    torch.testing.assert_close(diff, want.expand_as(diff), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"x must have shape \(b, 32, 4, 4\), got \(2, 32, 5, 5\)"):
+        fpn(torch.randn(2, 32, 5, 5))
+    with pytest.raises(ValueError, match=r"scales must be a non-empty subset of .* got \(3,\)"):
+        SimpleFeaturePyramid(32, grid_size=(4, 4), scales=(3,))
