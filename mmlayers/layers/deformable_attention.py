@@ -137,17 +137,19 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = rearrange(self.sampling_offsets(query), "b n (h l p xy) -> b n h l p xy",
                             h=h, l=l, p=p)
         weights = rearrange(self.attention_weights(query), "b n (h lp) -> b n h lp", h=h)
-        weights = rearrange(weights.float().softmax(-1), "b n h (l p) -> b n h l p", l=l)
-        ref = reference_points.float()
+        # Locations and weights in fp32 whatever the activation dtype (fp64 stays fp64).
+        cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
+        weights = rearrange(weights.to(cdt).softmax(-1), "b n h (l p) -> b n h l p", l=l)
+        ref = reference_points.to(cdt)
         if ref.dim() == 3:
             ref = ref[:, :, None].expand(b, n, l, 2)
         if ref.shape[-1] == 2:
-            size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=torch.float32,
+            size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=cdt,
                                    device=query.device)
-            loc = ref[:, :, None, :, None] + offsets.float() / size_xy[:, None]
+            loc = ref[:, :, None, :, None] + offsets.to(cdt) / size_xy[:, None]
         else:
             loc = (ref[:, :, None, :, None, :2]
-                   + offsets.float() / p * ref[:, :, None, :, None, 2:] * 0.5)
+                   + offsets.to(cdt) / p * ref[:, :, None, :, None, 2:] * 0.5)
         out = multi_scale_deformable_attention(v, shapes, level_start_index, loc,
                                                weights, backend=self.backend)
         return self.output_proj(out.to(query.dtype))
