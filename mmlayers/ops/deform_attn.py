@@ -103,7 +103,7 @@ def available_backends() -> list[str]:
     A backend listed here may still decline particular inputs (for example ``"triton"``
     needs CUDA tensors); :func:`explain_backends` says why.
 
-    Example:
+    Examples:
         >>> from mmlayers.ops import available_backends
         >>> "reference" in available_backends() and "torch" in available_backends()
         True
@@ -245,7 +245,7 @@ def explain_backends(
 ) -> dict[str, list[str]]:
     """For each registered backend, the reasons it cannot run these inputs (empty: it can).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.ops import explain_backends
         >>> v = torch.randn(1, 4, 2, 8)
@@ -314,7 +314,7 @@ def multi_scale_deformable_attention(
             out = out + (smp * a).sum(-1)                      # (b·h, dh, n)
         out = out.view(b, h * dh, n).transpose(1, 2)
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.ops import multi_scale_deformable_attention
         >>> b, h, dh, n, p = 2, 4, 8, 5, 3
