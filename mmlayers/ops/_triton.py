@@ -48,9 +48,9 @@ class KernelConfig:
     """Launch knobs (tuning only; results do not depend on them).
 
     ``*_tile`` bounds the elements of one (BLOCK_N, BLOCK_P, BLOCK_D) gather tile, which
-    sets how many queries one program owns; ``*_warps`` is Triton's ``num_warps``. The
-    defaults keep an sm_90 build free of register spills for dh 32-64 and p 4-8 (checked
-    with ``cuobjdump -res-usage`` on an offline build; not timed on a GPU yet).
+    sets how many queries one program owns; ``*_warps`` is Triton's ``num_warps``. With
+    the defaults an offline sm_90 build of dh 32 / p 4 and dh 64 / p 8 does not spill
+    registers (``cuobjdump -res-usage``); they have not been timed on a GPU yet.
     ``recipes/benchmark.py triton_ops --sweep`` times alternatives.
     """
 

@@ -20,7 +20,9 @@ innermost (contiguous) axis of every ``(BLOCK_N, BLOCK_P, BLOCK_D)`` gather.
 Bilinear sampling follows ``grid_sample(align_corners=False, padding_mode="zeros")``:
 pixel ``x = loc_x · W − 0.5``; corners outside the map read zero. Coordinates are clamped
 to ``[−2, W + 1]`` before the integer cast (all four corners of such a point are outside,
-so value and gradient are unchanged) to keep the cast finite.
+so value and gradient are unchanged) to keep the cast finite. A NaN or infinite location
+makes its query's output (and its own location and weight gradients) NaN, as in
+``grid_sample``, instead of silently reading zeros.
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ def deform_attn_fwd_kernel(
             fy = y - y0f
             x0 = x0f.to(tl.int32)
             y0 = y0f.to(tl.int32)
+            # 0 for finite locations, NaN for NaN/inf ones: propagate like grid_sample.
+            acc += tl.sum((lx - lx) + (ly - ly), axis=1)[:, None]
             for c in tl.static_range(4):
                 dx = c % 2
                 dy = c // 2
@@ -173,9 +177,10 @@ def deform_attn_bwd_kernel(
             y_hi = tl.max(tl.where(mq, y0, -big), axis=0)
             differs = ((x_lo != x_hi) | (y_lo != y_hi)).to(tl.int32)
             uniform = tl.sum(differs, axis=0) == 0
-            ga = tl.zeros((BLOCK_N, BLOCK_P), dtype=COMPUTE)
-            gx = tl.zeros((BLOCK_N, BLOCK_P), dtype=COMPUTE)
-            gy = tl.zeros((BLOCK_N, BLOCK_P), dtype=COMPUTE)
+            nan_or_0 = (lx - lx) + (ly - ly)  # NaN/inf locations: NaN gradients
+            ga = nan_or_0
+            gx = nan_or_0
+            gy = nan_or_0
             for c in tl.static_range(4):
                 dx = c % 2
                 dy = c // 2

@@ -122,6 +122,7 @@ def test_kernels_compile_for_sm90():
             "levels_per_group", "vis_sb", "vis_sn", "vis_sm"}
     configs = [  # (kernel, value pointer type, compute type, has visibility)
         (src.deform_attn_fwd_kernel, "*bf16", tl.float32, True),
+        (src.deform_attn_fwd_kernel, "*fp32", tl.float32, False),
         (src.deform_attn_bwd_kernel, "*bf16", tl.float32, True),
         (src.deform_attn_bwd_kernel, "*fp64", tl.float64, False),
     ]

@@ -165,3 +165,16 @@ def test_torch_compile_fullgraph():
         outs.append((out, *torch.autograd.grad(out, (v, lo, a), grad.float())))
     for x, y in zip(*outs, strict=True):
         torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+
+
+def test_non_finite_locations_propagate_nan():
+    shapes = [(2, 3)]
+    value, loc, attn, grad = _inputs(shapes, h=1, dh=2, n=4, p=2, lo=0.1, hi=0.9)
+    loc[0, 1, 0, 0, 1, 0] = float("nan")
+    loc[0, 2, 0, 0, 0, 1] = float("inf")
+    got, want = _run_both(shapes, value, loc, attn, grad)
+    assert torch.isnan(want[0][0, 1:3]).all() and torch.isfinite(want[0][0, [0, 3]]).all()
+    torch.testing.assert_close(got[0], want[0], atol=1e-10, rtol=0, equal_nan=True)
+    finite = torch.isfinite(loc).all(-1)  # (b, n, h, l, p)
+    assert torch.isnan(got[3][~finite]).all() and torch.isnan(got[2][~finite]).all()
+    torch.testing.assert_close(got[3][finite], want[3][finite], atol=1e-10, rtol=0)
