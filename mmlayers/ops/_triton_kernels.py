@@ -6,7 +6,9 @@ p sampling points.
 The functions are plain Python on purpose: ``triton.jit`` decides at *decoration* time
 whether a kernel is compiled or run by the interpreter (``TRITON_INTERPRET=1``), so
 :mod:`mmlayers.ops._triton` wraps them on first use, once per mode. Importing this
-module needs triton; nothing imports it at package import.
+module without triton leaves the kernels unusable (``tl`` is ``None``) but lets tools
+such as ``pytest --doctest-modules`` import it; :mod:`mmlayers.ops._triton` only wraps
+them when triton is installed.
 
 One program owns ``BLOCK_N`` queries of one (batch, head) pair (a 1-D grid of
 ``cdiv(n, BLOCK_N) · b · h`` programs) and loops over the
@@ -27,7 +29,10 @@ makes its query's output (and its own location and weight gradients) NaN, as in
 
 from __future__ import annotations
 
-import triton.language as tl
+try:
+    import triton.language as tl
+except ImportError:  # the backend reports "triton is not installed" and never gets here
+    tl = None
 
 __all__ = ["deform_attn_bwd_kernel", "deform_attn_fwd_kernel"]
 
