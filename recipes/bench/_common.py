@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 import time
 from collections.abc import Callable
@@ -18,27 +17,36 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def peak_memory(fn: Callable[[], object], device: str = "cpu") -> float:
-    """Peak bytes allocated while ``fn`` runs (CUDA allocator, or the CPU allocator via
-    the profiler's memory accounting)."""
+    """Peak bytes allocated while ``fn`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak. CPU: the process's resident-set high-water mark
+    (VmHWM, reset through /proc/self/clear_refs) minus the resident set before the call.
+    ``recipes/benchmark.py`` starts with ``MALLOC_MMAP_THRESHOLD_`` fixed so that glibc
+    returns large freed blocks to the OS at once and the resident set follows the live
+    tensors.
+    """
     gc.collect()
     if device.startswith("cuda"):
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fn()
         _sync(device)
         return float(torch.cuda.max_memory_allocated() - base)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    # Walk allocation events in order to find the high-water mark above the start.
-    current = peak = 0
-    events = sorted((e for e in prof.events() if e.self_cpu_memory_usage != 0),
-                    key=lambda e: e.time_range.start)
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return float(peak)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_kb("VmRSS")
+    fn()
+    return float(max(0, _status_kb("VmHWM") - base) * 1024)
 
 
 def measure(fn: Callable[[], object], *, device: str = "cpu", repeats: int = 3,
@@ -70,9 +78,4 @@ def _fmt(c: object) -> str:
     if isinstance(c, float):
         return f"{c:.3g}" if abs(c) < 1000 else f"{c:.0f}"
     return str(c)
-
-
-# Kept for suites that want the process-level high-water mark (coarse, never resets).
-def max_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
