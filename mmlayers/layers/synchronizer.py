@@ -114,7 +114,7 @@ class FeatureSynchronizer(nn.Module):
     def __init__(self, *, dim: int, query_dim: int, value_dim: int, out_dim: int | None = None,
                  heads: int = 16, points: int = 8, level_sizes: Sequence[int] = (32, 16, 8),
                  base_size: int = 16, offset_init: float = 3.0, max_images: int = 50,
-                 backend: str | None = None, query_chunk: int = 64,
+                 backend: str | None = None, query_chunk: int = 128,
                  device=None, dtype=None) -> None:
         super().__init__()
         out_dim = dim if out_dim is None else out_dim
@@ -218,26 +218,38 @@ class FeatureSynchronizer(nn.Module):
         rank = torch.arange(m, device=vis.device).expand_as(vis)
         # slot j of a query holds its (j + 1)-th most recent visible image (relpos j + 1)
         slots = torch.where(vis, rank, -1).sort(-1, descending=True).values
-        tall = self._tall_values(vals)
         chunk = self.query_chunk
         if n > chunk:
             perm = count.argsort(dim=1, descending=True, stable=True)
-            count, slots = count.gather(1, perm), _take(slots, perm)
+            count, slots, vis = count.gather(1, perm), _take(slots, perm), _take(vis, perm)
             off, logit = _take(off, perm), _take(logit, perm)
             ref = _take(ref.expand(b, n, 2), perm)
-        n_chunks = -(-n // chunk)
-        widths = F.pad(count, (0, n_chunks * chunk - n)).view(b, n_chunks, chunk).amax((0, 2))
-        widths = widths.tolist()
-        outs = []
-        for i, v in enumerate(widths):
-            sl = slice(i * chunk, (i + 1) * chunk)
+        # per chunk of queries: how many slots, and which images any of its queries sees
+        n_chunks, pad = -(-n // chunk), -n % chunk
+        widths = F.pad(count, (0, pad)).view(b, n_chunks, chunk).amax((0, 2))
+        used = F.pad(vis, (0, 0, 0, pad)).view(b, n_chunks, chunk, m).any(2).any(0)
+        plan = torch.cat((widths[:, None], used.long()), dim=1).tolist()  # one host copy
+        pieces = self._image_pieces(vals)
+        tall_all, outs = None, []
+        chunks = zip(plan, off.split(chunk, 1), logit.split(chunk, 1), ref.split(chunk, 1),
+                     count.split(chunk, 1), slots.split(chunk, 1), strict=True)
+        for (v, *seen), off_c, logit_c, ref_c, count_c, slots_c in chunks:
             if v == 0:
-                c = count[:, sl].shape[1]
-                outs.append(qp.new_zeros((b, c, self.dim), dtype=vals.dtype))
+                outs.append(qp.new_zeros((b, count_c.shape[1], self.dim), dtype=vals.dtype))
                 continue
-            outs.append(self._sample(tall, m, off[:, sl], logit[:, sl], ref[:, sl],
-                                     count[:, sl], slots[:, sl, :v], off_tab[1:v + 1],
-                                     logit_tab[1:v + 1], cdt))
+            imgs = [k for k in range(m) if seen[k]]
+            img = slots_c[..., :v]
+            if 2 * len(imgs) > m:  # most images: stack all of them once, reuse the stack
+                imgs = list(range(m))
+                tall_all = self._tall_values(pieces, imgs) if tall_all is None else tall_all
+                tall = tall_all
+            else:  # at most half of them: stack only these, renumbered
+                tall = self._tall_values(pieces, imgs)
+                where = torch.full((m + 1,), -1, dtype=torch.long, device=vals.device)
+                where[imgs] = torch.arange(len(imgs), device=vals.device)
+                img = where[img]  # -1 (no image) stays -1 through where[m]
+            outs.append(self._sample(tall, len(imgs), off_c, logit_c, ref_c, count_c, img,
+                                     off_tab[1:v + 1], logit_tab[1:v + 1], cdt))
         out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
         if n > chunk:
             out = _take(out, perm.argsort(dim=1))
@@ -284,17 +296,23 @@ class FeatureSynchronizer(nn.Module):
                                  f"(1, n, 2), got {tuple(ref.shape)}")
         return query, values, vis, ref
 
-    def _tall_values(self, vals: torch.Tensor) -> torch.Tensor:
-        """(b, m, s, d) → (b, Σ_l m·(size_l+1)·size_l, h, dh): per level, the m images stacked
-        vertically with one zero row under each."""
-        parts, start = [], 0
+    def _image_pieces(self, vals: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
+        """Per level, per image: (b, h, (size+1)·size, dh) head-major maps with one zero row
+        under the image (split once, so each chunk's stacking has a cheap backward)."""
+        pieces, start = [], 0
         for size in self.level_sizes:
             v = rearrange(vals[:, :, start:start + size * size], "b m (H W) d -> b m H W d",
                           H=size)
-            v = F.pad(v, (0, 0, 0, 0, 0, 1))
-            parts.append(rearrange(v, "b m H W (h dh) -> b (m H W) h dh", h=self.heads))
+            v = rearrange(F.pad(v, (0, 0, 0, 0, 0, 1)), "b m H W (h dh) -> b m h (H W) dh",
+                          h=self.heads)
+            pieces.append(v.unbind(1))
             start += size * size
-        return torch.cat(parts, dim=1)
+        return pieces
+
+    def _tall_values(self, pieces, imgs: list[int]) -> torch.Tensor:
+        """(b, Σ_l |imgs|·(size_l+1)·size_l, h, dh): per level, images ``imgs`` stacked
+        vertically, each with its zero row (stored head-major, returned as a view)."""
+        return torch.cat([lv[k] for lv in pieces for k in imgs], dim=2).transpose(1, 2)
 
     def _sample(self, tall, m, off, logit, ref, count, slots, off_tab, logit_tab, cdt):
         """Deformable read of ``v`` slots for one chunk of c queries → (b, c, d)."""

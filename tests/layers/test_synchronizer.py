@@ -93,7 +93,7 @@ def inputs(b=2, n=7, m=3, seed=1, dtype=torch.float64):
     return query, feats, vis
 
 
-@pytest.mark.parametrize("chunk", [64, 2])
+@pytest.mark.parametrize("chunk", [64, 3, 1])
 def test_hoisted_matches_official_fp64(chunk):
     layer, sd = make()
     layer.query_chunk = chunk
