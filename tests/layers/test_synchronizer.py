@@ -180,9 +180,10 @@ def test_init_matches_official():
     assert 0.01 < layer.query_relpos.weight.std() < 0.03
 
 
-def test_gradcheck_fp64():
+@pytest.mark.parametrize("chunk", [128, 1])
+def test_gradcheck_fp64(chunk):
     cfg = dict(dim=4, query_dim=3, value_dim=2, out_dim=3, heads=2, points=1,
-               level_sizes=(2, 1), base_size=2, max_images=4)
+               level_sizes=(2, 1), base_size=2, max_images=4, query_chunk=chunk)
     layer = FeatureSynchronizer(**cfg, dtype=torch.float64)
     g = torch.Generator().manual_seed(0)
     query = torch.randn(1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
