@@ -37,7 +37,7 @@ from mmlayers.ops.deform_attn import (
 __all__ = ["CHUNK_BYTES", "torch_deformable_attention"]
 
 #: Upper bound on the working state built for one chunk of queries (bytes).
-CHUNK_BYTES = 256 * 2**20
+CHUNK_BYTES = 128 * 2**20
 
 
 class _Geometry:
@@ -155,7 +155,8 @@ class _GatherDeformAttn(torch.autograd.Function):
                                               per_sample_weights=weight[order], mode="sum")
             if need_loc or need_attn:
                 # d[y, x] = <V[row of corner (x, y)], g>: the gradient of each corner weight.
-                d = _corner_dots(table, geo.idx, g).view(n_bags, lp, 2, 2)
+                d = _corner_dots(table, geo.idx, g, pattern_values=weight if need_v else None
+                                 ).view(n_bags, lp, 2, 2)
                 along_x = (d * geo.wx[:, :, None, :]).sum(-1)  # (bags, lp, y)
                 grad_attn.append((along_x * geo.wy).sum(-1)
                                  .reshape(attn[:, q0:q0 + q_chunk].shape))
@@ -174,19 +175,22 @@ class _GatherDeformAttn(torch.autograd.Function):
         return grad_value, g_loc, g_attn, None, None, None
 
 
-def _corner_dots(table: torch.Tensor, idx: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _corner_dots(table: torch.Tensor, idx: torch.Tensor, g: torch.Tensor,
+                 pattern_values: torch.Tensor | None = None) -> torch.Tensor:
     """``out[n, j, c] = <table[idx[n, j, c]], g[n]>`` for idx (bags, lp, 4), g (bags, dh).
 
     A sampled dense-dense matmul (SDDMM) over the corner pattern when the device has one,
     else a gather (materialises (bags, lp, 4, dh); used under ``torch.compile``, which does
-    not trace sparse tensors).
+    not trace sparse tensors). ``pattern_values`` is any finite tensor of ``idx.numel()``
+    elements to reuse as the pattern's values, which ``beta=0`` ignores.
     """
     n_bags, k = idx.shape[0], idx.shape[1] * idx.shape[2]
     if table.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling():
         crow = torch.arange(0, n_bags * k + 1, k, device=idx.device, dtype=idx.dtype)
         with warnings.catch_warnings():  # "sparse CSR support is in beta" is not for users
             warnings.simplefilter("ignore")
-            pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), table.new_zeros(n_bags * k),
+            values = pattern_values if pattern_values is not None else table.new_zeros(n_bags * k)
+            pattern = torch.sparse_csr_tensor(crow, idx.reshape(-1), values,
                                               size=(n_bags, table.shape[0]))
             out = torch.sparse.sampled_addmm(pattern, g, table.t(), beta=0.0)
         return out.values().view(idx.shape)
