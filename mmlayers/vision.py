@@ -128,7 +128,7 @@ class VisualTokenizer(nn.Module):
                  device=None, dtype=None) -> None:
         super().__init__()
         self.vit = as_vit_backbone(vit)
-        d, grid, k = self.vit.hidden_size, self.vit.grid_size, self.vit.num_prefix_tokens
+        d, grid = self.vit.hidden_size, self.vit.grid_size
         if len(image_mean) != self.vit.num_channels or len(image_std) != self.vit.num_channels:
             raise ValueError(f"image_mean and image_std need {self.vit.num_channels} values (one per "
                              f"channel), got {len(image_mean)} and {len(image_std)}")
@@ -153,8 +153,8 @@ class VisualTokenizer(nn.Module):
         self.pos_proj = nn.Linear(d, d, **kw)
         self.pos_norm = nn.LayerNorm(d, eps=1e-6, **kw)
         self.post_norm = nn.LayerNorm(d, eps=1e-6, **kw)
-        pos = sincos_2d(grid[0], grid[1], d, device=device)
-        self.register_buffer("pos_embed", torch.cat([pos.new_zeros(k, d), pos]), persistent=False)
+        self.register_buffer("pos_embed", sincos_2d(grid[0], grid[1], d, device=device),
+                             persistent=False)
         self.resampler = PerceiverResampler(
             dim=resampler_dim, num_queries=num_tokens, depth=resampler_depth,
             cross_every=cross_every, context_dim=d, num_heads=resampler_heads, out_dim=llm_dim,
@@ -218,6 +218,13 @@ class VisualTokenizer(nn.Module):
         """The pyramid's ``feature_info`` (empty without a pyramid)."""
         return self.pyramid.feature_info if self.pyramid is not None else []
 
+    def resampler_context(self, hidden: torch.Tensor) -> torch.Tensor:
+        """ViT last hidden state (b, t, d) → resampler input (b, t, d):
+        ``post_norm(pos_norm(pos_proj(hidden)) + sincos_2d)``, prefix rows get no position."""
+        pos = self.pos_embed.to(hidden.dtype)
+        pos = torch.cat([pos.new_zeros(hidden.shape[1] - pos.shape[0], pos.shape[1]), pos])
+        return self.post_norm(self.pos_norm(self.pos_proj(hidden)) + pos)
+
     # -- forward -----------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> VisualTokenizerOutput:
         """images (b, c, H·p, W·p) in [0, 1] → :class:`VisualTokenizerOutput`."""
@@ -229,11 +236,10 @@ class VisualTokenizer(nn.Module):
             hidden = self.vit(x)
             levels = []
             if self.pyramid is not None:
-                h, _ = self.vit.grid_size
-                patches = hidden[:, self.vit.num_prefix_tokens:]
+                h, w = self.vit.grid_size
+                patches = hidden[:, hidden.shape[1] - h * w:]
                 levels = self.pyramid(rearrange(patches, "b (H W) d -> b d H W", H=h))
         hidden = hidden.to(self.pos_proj.weight.dtype)
-        ctx = self.post_norm(self.pos_norm(self.pos_proj(hidden)) + self.pos_embed.to(hidden.dtype))
-        tokens = self.resampler(ctx)
+        tokens = self.resampler(self.resampler_context(hidden))
         return VisualTokenizerOutput(tokens, levels, hidden, self.llm_levels, self.unet_levels)
 

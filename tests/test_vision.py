@@ -8,6 +8,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
+from mmlayers.layers.posembed import sincos_2d
 from mmlayers.vision import CLIP_MEAN, CLIP_STD, VisualTokenizer, flatten_levels
 
 VIT = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 4,
@@ -159,3 +160,17 @@ def test_bad_inputs():
         out.flatten([7])
     with pytest.raises(ValueError, match="at least one level"):
         flatten_levels([])
+
+
+def test_resampler_context_positions():
+    tok = VisualTokenizer(clip_vit(), pyramid=None, **SMALL)
+    hidden = torch.zeros(1, 17, 32)
+    with torch.no_grad():
+        ctx = tok.resampler_context(hidden)
+    # zero input: pos_norm(pos_proj(0)) is constant per token, so rows differ only by the
+    # sincos table; the CLS row gets none
+    base = tok.pos_norm(tok.pos_proj(hidden))[0, 0]
+    want_cls = tok.post_norm(base)
+    want_patch = tok.post_norm(base + sincos_2d(4, 4, 32)[5])
+    torch.testing.assert_close(ctx[0, 0], want_cls.detach())
+    torch.testing.assert_close(ctx[0, 1 + 5], want_patch.detach())

@@ -48,6 +48,9 @@ class ViTBackbone(nn.Module):
       the last hidden state is the raw encoder output, as in ``CLIPVisionModel``.
 
     Together these reproduce the model's own ``last_hidden_state``.
+    ``num_prefix_tokens`` (CLS, distillation, register tokens) is read from the position
+    table (+ ``register_tokens``) at construction; the pyramid and the tokenizer take the
+    prefix as ``t − H·W`` of what ``embed`` actually returns.
 
     Args:
         model: the vision model, e.g. ``CLIPVisionModel``, ``SiglipVisionModel``,
@@ -123,12 +126,14 @@ class ViTBackbone(nn.Module):
                             f"{self.grid_size} patch grid")
 
     def _count_tokens(self, embeddings: nn.Module) -> int:
+        registers = getattr(embeddings, "register_tokens", None)  # DINOv2 with registers
+        extra = int(registers.shape[-2]) if isinstance(registers, torch.Tensor) else 0
         table = getattr(embeddings, "position_embeddings", None)
         if isinstance(table, torch.Tensor) and table.dim() >= 2:
-            return int(table.shape[-2])
+            return int(table.shape[-2]) + extra
         table = getattr(embeddings, "position_embedding", None)
         if isinstance(table, nn.Embedding):
-            return int(table.num_embeddings)
+            return int(table.num_embeddings) + extra
         with torch.no_grad():  # no position table to read: embed one blank image
             probe = torch.zeros(1, self.num_channels, *self.image_size,
                                 dtype=self._param_dtype(), device=self._param_device())

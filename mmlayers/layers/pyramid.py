@@ -203,10 +203,10 @@ class ViTAdapterPyramid(nn.Module):
         vb = vit if isinstance(vit, ViTBackbone) else as_vit_backbone(vit)
         self._check_vit(vb)
         tokens = vb.embed(pixel_values)
-        k = vb.num_prefix_tokens
+        h, w = self.grid_size
+        k = tokens.shape[1] - h * w  # prefix tokens (CLS, registers) as actually produced
         prefix, x = tokens[:, :k], tokens[:, k:]
         b = x.shape[0]
-        h, w = self.grid_size
         image = F.interpolate(pixel_values.to(self.level_embed.dtype), size=(16 * h, 16 * w),
                               mode="bilinear", align_corners=False)
         c1, c2, c3, c4 = self.spm(image)

@@ -5,6 +5,10 @@ from torch import nn
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
+    DeiTConfig,
+    DeiTModel,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
     SiglipVisionConfig,
     SiglipVisionModel,
     ViTConfig,
@@ -19,6 +23,8 @@ FAMILIES = {
     "clip": (CLIPVisionConfig, CLIPVisionModel, 1),
     "siglip": (SiglipVisionConfig, SiglipVisionModel, 0),
     "vit": (ViTConfig, ViTModel, 1),
+    "deit": (DeiTConfig, DeiTModel, 2),  # CLS + distillation token
+    "dinov2_reg": (Dinov2WithRegistersConfig, Dinov2WithRegistersModel, 5),  # CLS + 4 registers
 }
 
 
@@ -39,6 +45,7 @@ def test_shapes_feature_info_and_identity_at_init(family):
         out = pyramid(x, vit)
         bare = vit(pixel_values=x).last_hidden_state
     prefix = FAMILIES[family][2]
+    assert ViTBackbone(vit).num_prefix_tokens == prefix
     assert out.last_hidden_state.shape == (2, prefix + 16, 32)
     assert [tuple(m.shape) for m in out.levels] == [(2, 32, 16, 16), (2, 32, 8, 8),
                                                     (2, 32, 4, 4), (2, 32, 2, 2)]
