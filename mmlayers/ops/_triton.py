@@ -339,4 +339,5 @@ register_backend(DeformAttnBackend(
     not_supported_reasons=_backend_reasons,
     priority=20,
     is_available=_triton_missing,
+    auto_devices=("cuda",),
 ))

@@ -61,6 +61,9 @@ class DeformAttnBackend:
         priority: ``"auto"`` tries backends from the highest priority down.
         is_available: ``f() -> str | None``: why the backend can never run in this
             environment (a missing package), or ``None``.
+        auto_devices: device types on which ``"auto"`` may choose the backend (``None``:
+            all). A backend outside them still runs when forced by name (e.g. the Triton
+            interpreter on the CPU, which is for testing, not speed).
     """
 
     name: str
@@ -68,6 +71,7 @@ class DeformAttnBackend:
     not_supported_reasons: Callable[[DeformAttnInputs], list[str]]
     priority: int = 0
     is_available: Callable[[], str | None] = lambda: None
+    auto_devices: tuple[str, ...] | None = None
 
 
 _REGISTRY: dict[str, DeformAttnBackend] = {}
@@ -335,8 +339,13 @@ def multi_scale_deformable_attention(
     _ensure_builtin_backends()
     if backend is None or backend == "auto":
         reasons = _reasons(inputs)
+        device = inputs.value.device.type
         for name, why in reasons.items():
-            if not why:
+            devices = _REGISTRY[name].auto_devices
+            if not why and devices is not None and device not in devices:
+                reasons[name] = [f"not chosen automatically on {device} (only on "
+                                 f"{', '.join(devices)}); pass backend={name!r} to force it"]
+            elif not why:
                 return _REGISTRY[name].run(inputs)
         raise ValueError("no deformable-attention backend can run these inputs:\n"
                          + _format_reasons(reasons))

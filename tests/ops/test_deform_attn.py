@@ -283,3 +283,18 @@ def test_out_of_range_locations_read_zero_and_are_allowed():
         out = multi_scale_deformable_attention(value, [(3, 3)], None, far, attn,
                                                backend=backend)
         assert torch.count_nonzero(out) == 0
+
+
+def test_auto_skips_backends_outside_their_auto_devices(monkeypatch):
+    calls = []
+    gpu_only = DeformAttnBackend(name="gpu_only", run=lambda inputs: calls.append(1),
+                                 not_supported_reasons=lambda inputs: [], priority=100,
+                                 auto_devices=("cuda",))
+    monkeypatch.setitem(deform_attn._REGISTRY, "gpu_only", gpu_only)
+    value, loc, attn = make_inputs([(2, 2)], 2, (0, 1))
+    out = multi_scale_deformable_attention(value, [(2, 2)], None, loc, attn)
+    ref = multi_scale_deformable_attention(value, [(2, 2)], None, loc, attn, backend="reference")
+    torch.testing.assert_close(out, ref)
+    assert calls == []
+    multi_scale_deformable_attention(value, [(2, 2)], None, loc, attn, backend="gpu_only")
+    assert calls == [1]
