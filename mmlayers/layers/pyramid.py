@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
 from mmlayers.layers.posembed import sincos_2d
@@ -160,7 +162,14 @@ class ViTAdapterPyramid(nn.Module):
         self.pos_embed = pos_embed
         if pos_embed:
             _level_pos_embeds(self, self.level_sizes, dim, self.grid_size, device)
+        self.grad_checkpointing = False
         self.reset_parameters()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> ViTAdapterPyramid:
+        """Recompute each interaction block (ViT group included) in the backward pass
+        instead of storing its activations (training policy; off by default)."""
+        self.grad_checkpointing = bool(enable)
+        return self
 
     @classmethod
     def from_vit(cls, vit: nn.Module, **kwargs) -> ViTAdapterPyramid:
@@ -216,8 +225,10 @@ class ViTAdapterPyramid(nn.Module):
         x_ref = grid_reference_points([(h, w)], device=x.device).expand(b, -1, -1)
         c_ref = grid_reference_points(shapes, device=x.device).expand(b, -1, -1)
         maps = []
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
         for block, (start, end) in zip(self.interactions, self.interaction_indexes, strict=True):
-            x, c, prefix = block(
+            call = partial(checkpoint, block, use_reentrant=False) if ckpt else block
+            x, c, prefix = call(
                 x, c.to(x.dtype), prefix,
                 lambda t, s=start, e=end: vb.run_layers(t, s, e),
                 x_ref=x_ref, c_ref=c_ref, vit_shape=(h, w), shapes=shapes,

@@ -105,6 +105,23 @@ def test_gradients_reach_adapter_not_frozen_vit():
     assert pyramid.interactions[-1].extractors[2].ffn.fc1.weight.grad.abs().sum() > 0
 
 
+def test_grad_checkpointing_gives_same_values_and_grads():
+    vit = tiny_vit("clip").requires_grad_(False)
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8)
+    with torch.no_grad():
+        pyramid.interactions[1].injector.gamma.fill_(0.2)
+    x = torch.rand(2, 3, 32, 32)
+    results = []
+    for enable in (False, True):
+        pyramid.zero_grad()
+        out = pyramid.set_grad_checkpointing(enable)(x, vit)
+        (out.levels[0].square().mean() + out.last_hidden_state.square().mean()).backward()
+        results.append((out.levels[0].detach(), {n: p.grad.clone() for n, p in pyramid.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, msg=name)
+
+
 def test_fixed_sincos_per_level():
     vit = tiny_vit()
     torch.manual_seed(1)
