@@ -28,7 +28,7 @@ from mmlayers.data.shapes import (
 from mmlayers.data.tokenizer import (
     IMAGE_TOKEN,
     SOI_TOKEN,
-    add_image_tokens,
+    ensure_image_tokens,
     image_token_ids,
     word_level_tokenizer,
 )
@@ -36,7 +36,7 @@ from mmlayers.data.tokenizer import (
 __all__ = [
     "COLORS", "IGNORE_INDEX", "IMAGE_TOKEN", "KINDS", "POSITIONS", "SHAPES", "SIZES",
     "SOI_TOKEN", "Document", "ImageScore", "InterleavedBatch", "InterleavedCollator",
-    "ShapeAttributes", "ShapesCorpus", "add_image_tokens", "caption_matches", "describe_image",
-    "image_to_tensor", "image_token_ids", "interleaved_labels", "is_image", "parse_caption",
-    "render_shapes", "score_image", "word_level_tokenizer",
+    "ShapeAttributes", "ShapesCorpus", "caption_matches", "describe_image",
+    "ensure_image_tokens", "image_to_tensor", "image_token_ids", "interleaved_labels",
+    "is_image", "parse_caption", "render_shapes", "score_image", "word_level_tokenizer",
 ]

@@ -146,7 +146,7 @@ class InterleavedCollator:
 
     Args:
         tokenizer: a ``transformers`` tokenizer with ``<s>``/``</s>`` (bos/eos) and the
-            ``<soi>``/``<image>`` tokens (see :func:`~mmlayers.data.add_image_tokens`); padding
+            ``<soi>``/``<image>`` tokens (see :func:`~mmlayers.data.ensure_image_tokens`); padding
             uses its pad token, or ``</s>`` if it has none (labels use the attention mask).
         num_image_tokens: ``<image>`` slots per image (k).
         max_length: most tokens per row.

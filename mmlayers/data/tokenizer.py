@@ -10,7 +10,7 @@ and ``AutoTokenizer.from_pretrained(local_dir)`` work as for any fast tokenizer.
 Fixed ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<soi>`` 4, ``<image>`` 5, then
 the words in sorted order.
 
-:func:`add_image_tokens` adds ``<soi>`` and ``<image>`` (as special tokens, never split and
+:func:`ensure_image_tokens` adds ``<soi>`` and ``<image>`` (as special tokens, never split and
 skipped by ``decode(..., skip_special_tokens=True)``) to any tokenizer, e.g. a Llama
 tokenizer loaded from a local directory; it is idempotent. Resizing the model's embedding
 matrix to ``len(tokenizer)`` is the model's job.
@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["IMAGE_TOKEN", "SOI_TOKEN", "add_image_tokens", "image_token_ids",
+__all__ = ["IMAGE_TOKEN", "SOI_TOKEN", "ensure_image_tokens", "image_token_ids",
            "word_level_tokenizer"]
 
 SOI_TOKEN = "<soi>"
@@ -89,7 +89,7 @@ def _token_id(tokenizer: Any, token: str) -> int | None:
     return tokenizer.get_vocab().get(token)
 
 
-def add_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
+def ensure_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
                      image_token: str = IMAGE_TOKEN) -> tuple[int, int]:
     """Add ``<soi>`` and ``<image>`` to a Hugging Face tokenizer, in place; idempotent.
 
@@ -106,9 +106,9 @@ def add_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
 
     Example:
         >>> tok = word_level_tokenizer(["a red circle."])
-        >>> add_image_tokens(tok), len(tok)
+        >>> ensure_image_tokens(tok), len(tok)
         ((4, 5), 10)
-        >>> add_image_tokens(tok, soi_token="<boi>"), len(tok)
+        >>> ensure_image_tokens(tok, soi_token="<boi>"), len(tok)
         ((10, 5), 11)
     """
     for name, t in (("soi_token", soi_token), ("image_token", image_token)):
@@ -131,10 +131,10 @@ def add_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
 def image_token_ids(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
                     image_token: str = IMAGE_TOKEN) -> tuple[int, int]:
     """``(soi_id, image_id)`` of a tokenizer that has them; ``ValueError`` naming what is
-    missing (and pointing to :func:`add_image_tokens`) otherwise."""
+    missing (and pointing to :func:`ensure_image_tokens`) otherwise."""
     ids = (_token_id(tokenizer, soi_token), _token_id(tokenizer, image_token))
     missing = [t for t, i in zip((soi_token, image_token), ids, strict=True) if i is None]
     if missing:
         raise ValueError(f"the tokenizer has no {missing} token(s); call "
-                         f"add_image_tokens(tokenizer) first")
+                         f"ensure_image_tokens(tokenizer) first")
     return ids
