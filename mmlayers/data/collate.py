@@ -54,7 +54,9 @@ def interleaved_labels(input_ids: torch.Tensor, *, bos_id: int, soi_id: int, ima
 
     Args:
         input_ids: (b, n) token ids.
-        bos_id, soi_id, image_id: ids of ``<s>``, ``<soi>`` and ``<image>``.
+        bos_id: id of ``<s>``.
+        soi_id: id of ``<soi>``.
+        image_id: id of ``<image>``.
         attention_mask: (b, n); positions where it is 0 are ignored.
         pad_id: ids equal to it are ignored too. Leave it ``None`` when padding reuses
             ``</s>`` (as many Llama setups do) and pass ``attention_mask`` instead.
@@ -153,7 +155,8 @@ class InterleavedCollator:
         pack: pack several documents per row (else one document per row).
         truncate: cut documents longer than ``max_length`` at an image boundary (else raise).
         pad_to_max_length: pad every row to ``max_length`` (else to the longest row).
-        soi_token, image_token: the image token strings.
+        soi_token: the begin-of-image token string.
+        image_token: the image slot token string.
 
     Attributes:
         bos_id, eos_id, pad_id, soi_id, image_id: the token ids used.

@@ -288,7 +288,8 @@ class ShapesCorpus(torch.utils.data.Dataset):
         size: image side in pixels (32–64 recommended; 24–256 accepted).
         length: number of documents.
         kinds: document kinds to draw from uniformly (repeat a kind to weight it).
-        colors, shapes: palette names and shapes used.
+        colors: palette colour names used.
+        shapes: shapes used.
         max_shapes: at most this many shapes per caption/captioning image (1–3).
         max_images: most images in a ``sequence`` document (2 or more).
         jitter: randomise the box inside its slot (and vertically) instead of centring it.

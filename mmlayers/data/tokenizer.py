@@ -99,7 +99,8 @@ def ensure_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
 
     Args:
         tokenizer: a ``transformers`` tokenizer (fast or slow).
-        soi_token, image_token: the two token strings.
+        soi_token: the begin-of-image token string.
+        image_token: the image slot token string.
 
     Returns:
         ``(soi_id, image_id)``.

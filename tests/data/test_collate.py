@@ -111,6 +111,8 @@ def test_bookkeeping_agrees_with_visibility_masks(tok):
     docs = list(corpus)
     b = col(docs)
     assert b.truncated == [] and len(b.row_documents) < len(docs)
+    loaded = next(iter(torch.utils.data.DataLoader(corpus, batch_size=12, collate_fn=col)))
+    assert torch.equal(loaded.input_ids, b.input_ids) and torch.equal(loaded.labels, b.labels)
     assert b.images.shape[0] == sum(d.num_images for d in docs) == int(b.images_per_row.sum())
     expected = [image_to_tensor(i) for d in docs for i in d.images]
     assert torch.equal(b.images, torch.stack(expected))
