@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -250,8 +251,6 @@ ShapeAttributes(color='blue', shape='square', position=None, size='small')]
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
-    import re
-
     where = "|".join(_WHERE.values())
     pattern = (rf"\b(?:({'|'.join(SIZES)})\s+)?({'|'.join(COLORS)})\s+({'|'.join(SHAPES)})"
                rf"(?:\s+({where}))?")
@@ -368,8 +367,6 @@ class ShapesCorpus(torch.utils.data.Dataset):
 
     def vocabulary(self) -> list[str]:
         """Every word and punctuation mark the corpus can write (lower case, sorted)."""
-        import re
-
         texts = ["a and now the same in of but colour , .", *_WHERE.values(),
                  *COLORS, *SHAPES, *SIZES]
         return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
