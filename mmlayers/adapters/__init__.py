@@ -11,6 +11,14 @@ import importlib
 _LAZY = {
     "attach_synchronizers": "mmlayers.adapters.llm",
     "SynchronizerHandle": "mmlayers.adapters.llm",
+    "SynchronizerBlock": "mmlayers.adapters.llm",
+    "ImageTokens": "mmlayers.adapters.image_tokens",
+    "add_image_tokens": "mmlayers.adapters.image_tokens",
+    "prepare_for_training": "mmlayers.adapters.policy",
+    "trainable_parameters": "mmlayers.adapters.policy",
+    "parameter_groups": "mmlayers.adapters.policy",
+    "save_adapter": "mmlayers.adapters.policy",
+    "load_adapter": "mmlayers.adapters.policy",
     "ImageContextEncoder": "mmlayers.adapters.diffusion",
     "UNetSynchronizer": "mmlayers.adapters.diffusion",
 }
