@@ -1,5 +1,32 @@
-"""Standalone layers (one idea per module)."""
+"""Standalone layers (one idea per module), re-exported flat: ``from mmlayers.layers import X``."""
 
 from mmlayers.layers.deformable_attention import MultiScaleDeformableAttention
+from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
+from mmlayers.layers.posembed import sincos_1d, sincos_2d
+from mmlayers.layers.pyramid import (
+    AdapterOutput,
+    SimpleFeaturePyramid,
+    ViTAdapterPyramid,
+    split_depth,
+)
+from mmlayers.layers.resampler import PerceiverResampler
+from mmlayers.layers.synchronizer import FeatureSynchronizer, relative_image_positions
+from mmlayers.layers.visibility import image_starts, image_visibility, previous_image_visibility
 
-__all__ = ["MultiScaleDeformableAttention"]
+__all__ = [
+    "AdapterOutput",
+    "FeatureSynchronizer",
+    "MultiScaleDeformableAttention",
+    "PerceiverResampler",
+    "SimpleFeaturePyramid",
+    "ViTAdapterPyramid",
+    "ViTBackbone",
+    "as_vit_backbone",
+    "image_starts",
+    "image_visibility",
+    "previous_image_visibility",
+    "relative_image_positions",
+    "sincos_1d",
+    "sincos_2d",
+    "split_depth",
+]
