@@ -1,0 +1,292 @@
+"""MMInterleavedConfig: the nested, JSON-able description of a whole MM-Interleaved model.
+
+Every part is either loaded from a local directory (``path``; nothing is downloaded) or
+built with random weights from a config dictionary (``config``: keyword arguments of a
+``transformers`` / ``diffusers`` config). Two presets:
+
+- :meth:`MMInterleavedConfig.tiny`: the CPU demo (4-layer Llama, 2-layer CLIP ViT at
+  32 px, pixel-space 32-px UNet; everything random-init and trained);
+- :meth:`MMInterleavedConfig.paper_13b`: the paper's system (Vicuna-13B, CLIP ViT-L/14,
+  SD-2.1-base) from local directories, with the paper's adapter sizes and freezing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+__all__ = ["DecoderConfig", "LLMConfig", "LossConfig", "MMInterleavedConfig", "TokenConfig",
+           "VisionConfig"]
+
+
+@dataclass
+class TokenConfig:
+    """Token ids the model reads: ``<s>``, ``</s>``, padding, ``<soi>`` and ``<image>``."""
+
+    bos_id: int = 1
+    eos_id: int = 2
+    pad_id: int = 0
+    soi_id: int = 4
+    image_id: int = 5
+
+
+@dataclass
+class LLMConfig:
+    """The language model and its feature synchronizers.
+
+    Attributes:
+        path: local Hugging Face directory of a causal LM; ``None``: random init from
+            ``config`` (keyword arguments of ``AutoConfig.for_model``, with ``model_type``).
+        freeze: keep the base LLM frozen (the synchronizers and image tokens always train).
+        sync_every, sync_layers: synchronizers in layers ``i % sync_every == 0`` or the
+            listed ones.
+        sync_dim, sync_heads, sync_points, sync_base_size, sync_offset_init, max_images:
+            synchronizer sizes (``sync_dim`` default: the pyramid width).
+        gradient_checkpointing: recompute decoder layers in backward.
+        image_token_init_logit: initial logit of ``<soi>`` / ``<image>`` (−100 keeps a
+            pretrained LLM's text generation unchanged; 0 for an LLM trained from scratch).
+    """
+
+    path: str | None = None
+    config: dict = field(default_factory=dict)
+    freeze: bool = True
+    sync_every: int = 4
+    sync_layers: list[int] | None = None
+    sync_dim: int | None = None
+    sync_heads: int = 16
+    sync_points: int = 8
+    sync_base_size: int = 16
+    sync_offset_init: float = 3.0
+    max_images: int = 50
+    gradient_checkpointing: bool = False
+    image_token_init_logit: float = -100.0
+
+
+@dataclass
+class VisionConfig:
+    """ViT + pyramid + resampler (:class:`~mmlayers.vision.VisualTokenizer`).
+
+    Attributes:
+        path: local directory of a CLIP / SigLIP / ViT model; ``None``: random init from
+            ``config`` (with ``model_type``, e.g. ``"clip_vision_model"``).
+        freeze: keep the ViT frozen (pyramid and resampler always train).
+        pyramid, pyramid_kwargs: ``"adapter"``, ``"simple"`` or ``None`` and its arguments.
+        num_tokens: visual tokens per image (``<image>`` slots, 64 in the paper).
+        resampler_dim, resampler_depth, resampler_heads, cross_every, qk_norm: resampler.
+        llm_levels, unet_levels: pyramid levels read by the LLM and the UNet synchronizers.
+    """
+
+    path: str | None = None
+    config: dict = field(default_factory=dict)
+    freeze: bool = True
+    pyramid: str | None = "adapter"
+    pyramid_kwargs: dict = field(default_factory=dict)
+    num_tokens: int = 64
+    resampler_dim: int = 768
+    resampler_depth: int = 12
+    resampler_heads: int = 12
+    cross_every: int = 2
+    qk_norm: bool = True
+    llm_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
+    unet_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+
+
+@dataclass
+class DecoderConfig:
+    """Image decoder: context encoder, UNet (+ VAE), its synchronizers and scheduler.
+
+    Attributes:
+        path: local Stable Diffusion directory (``unet/``, ``vae/``, ``scheduler/`` and,
+            for the negative embedding, ``text_encoder/`` + ``tokenizer/``); ``None``:
+            random init from ``unet`` / ``vae`` / ``scheduler``.
+        unet: ``UNet2DConditionModel`` keyword arguments (random init).
+        vae: ``AutoencoderKL`` keyword arguments; ``None`` (and no ``path``): pixel space.
+        scheduler: training scheduler, ``{"class_name": "DDPMScheduler", …kwargs}``.
+        inference_scheduler: class name of the sampling scheduler (same config).
+        num_inference_steps, guidance_scale: sampling defaults (30, 7.5 in the paper).
+        freeze_unet: keep the UNet frozen.
+        image_size: side of the images the UNet / VAE see (pixels).
+        context_queries, context_hidden, context_depth, context_heads, uncond_prob,
+            max_context: :class:`~mmlayers.adapters.context.ImageContextEncoder`.
+        init_negative_from_text_encoder: with ``path``, set the negative embedding to the
+            text encoder's embedding of ``""``.
+        sync_dim, sync_heads, sync_points, sync_offset_init, sync_max_images, sync_no_image:
+            :class:`~mmlayers.adapters.unet_sync.UNetSynchronizer`.
+    """
+
+    path: str | None = None
+    unet: dict = field(default_factory=dict)
+    vae: dict | None = None
+    scheduler: dict = field(default_factory=lambda: {"class_name": "DDPMScheduler"})
+    inference_scheduler: str = "DDPMScheduler"
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    freeze_unet: bool = False
+    image_size: int = 512
+    context_queries: int = 77
+    context_hidden: int = 1024
+    context_depth: int = 1
+    context_heads: int = 16
+    uncond_prob: float = 0.1
+    max_context: int | None = None
+    init_negative_from_text_encoder: bool = True
+    sync_dim: int = 1024
+    sync_heads: int = 16
+    sync_points: int = 8
+    sync_offset_init: float = 1.0
+    sync_max_images: int = 10
+    sync_no_image: str = "official"
+
+
+@dataclass
+class LossConfig:
+    """``text_weight · CE + image_weight · MSE``.
+
+    Attributes:
+        image_reduction: ``"all"`` averages the per-image MSE over every image of the batch,
+            context-less ones counting as 0 (the official code); ``"context"`` over the
+            images that have a context.
+    """
+
+    text_weight: float = 1.0
+    image_weight: float = 10.0
+    image_reduction: str = "all"
+
+
+_PARTS = {"tokens": TokenConfig, "llm": LLMConfig, "vision": VisionConfig,
+          "decoder": DecoderConfig, "loss": LossConfig}
+
+
+@dataclass
+class MMInterleavedConfig:
+    """Everything needed to rebuild an :class:`~mmlayers.models.MMInterleaved`.
+
+    Example:
+        >>> cfg = MMInterleavedConfig.tiny(vocab_size=40)
+        >>> cfg.llm.config["hidden_size"], cfg.vision.num_tokens, cfg.decoder.image_size
+        (128, 8, 32)
+        >>> MMInterleavedConfig.from_dict(cfg.to_dict()) == cfg
+        True
+        >>> p = MMInterleavedConfig.paper_13b("/m/vicuna", "/m/clip", "/m/sd21")
+        >>> p.llm.freeze, p.llm.sync_every, p.vision.num_tokens, p.decoder.context_queries
+        (True, 4, 64, 77)
+    """
+
+    tokens: TokenConfig = field(default_factory=TokenConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    backend: str | None = None
+
+    # -- (de)serialisation ---------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able nested dictionary."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MMInterleavedConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a dict, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown MMInterleavedConfig keys {unknown}; expected {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            part = _PARTS.get(name)
+            if part is not None and isinstance(value, dict):
+                allowed = {f.name for f in fields(part)}
+                bad = sorted(set(value) - allowed)
+                if bad:
+                    raise ValueError(f"unknown {name} keys {bad}; expected {sorted(allowed)}")
+                value = part(**value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the config as JSON."""
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> MMInterleavedConfig:
+        """Read a config written by :meth:`save`."""
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+    # -- presets -------------------------------------------------------------------------
+    @classmethod
+    def tiny(cls, *, vocab_size: int, tokens: TokenConfig | None = None,
+             image_size: int = 32) -> MMInterleavedConfig:
+        """The CPU demo model: every part random-init and trained (nothing is pretrained).
+
+        Args:
+            vocab_size: the tokenizer's vocabulary size (``len(tokenizer)``).
+            tokens: token ids (default: :func:`~mmlayers.data.word_level_tokenizer`'s).
+            image_size: image side in pixels (ViT input and UNet sample size).
+        """
+        tokens = tokens or TokenConfig()
+        llm = LLMConfig(
+            config={"model_type": "llama", "vocab_size": vocab_size, "hidden_size": 128,
+                    "intermediate_size": 256, "num_hidden_layers": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 4,
+                    "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
+                    "tie_word_embeddings": False, "bos_token_id": tokens.bos_id,
+                    "eos_token_id": tokens.eos_id, "pad_token_id": tokens.pad_id},
+            freeze=False, sync_every=2, sync_dim=64, sync_heads=4, sync_points=4,
+            sync_base_size=8, max_images=16, image_token_init_logit=0.0)
+        vision = VisionConfig(
+            config={"model_type": "clip_vision_model", "hidden_size": 64,
+                    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                    "image_size": image_size, "patch_size": 4},
+            freeze=False, pyramid="simple", pyramid_kwargs={"out_dim": 64}, num_tokens=8,
+            resampler_dim=64, resampler_depth=2, resampler_heads=4, cross_every=1,
+            llm_levels=[1, 2, 3], unet_levels=[1, 2, 3])
+        decoder = DecoderConfig(
+            unet={"sample_size": image_size, "in_channels": 3, "out_channels": 3,
+                  "layers_per_block": 1, "block_out_channels": [32, 64],
+                  "norm_num_groups": 8, "cross_attention_dim": 64, "attention_head_dim": 8,
+                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
+                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]},
+            scheduler={"class_name": "DDPMScheduler", "num_train_timesteps": 1000,
+                       "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
+                       "clip_sample": True},
+            inference_scheduler="DDIMScheduler", num_inference_steps=10, guidance_scale=2.0,
+            freeze_unet=False, image_size=image_size, context_queries=16, context_hidden=64,
+            context_depth=1, context_heads=4, uncond_prob=0.1,
+            init_negative_from_text_encoder=False, sync_dim=32, sync_heads=2, sync_points=2,
+            sync_max_images=4)
+        return cls(tokens=tokens, llm=llm, vision=vision, decoder=decoder)
+
+    @classmethod
+    def paper_13b(cls, llm_path: str, vit_path: str, sd_path: str, *,
+                  tokens: TokenConfig | None = None) -> MMInterleavedConfig:
+        """MM-Interleaved as in the paper, from local directories (nothing is downloaded).
+
+        Vicuna-13B (frozen; synchronizers in every 4th layer, 16 heads, 8 points, levels
+        32², 16², 8², base 16), CLIP ViT-L/14 at 224 px (frozen) with ViT-Adapter and a
+        64-query, 12-layer resampler, SD-2.1-base UNet (trained, lr 1e-5 in the recipe) with
+        a 77-query context encoder and UNet synchronizers on a 64/32/16/8 pyramid; DDPM,
+        30 steps, guidance 7.5. ``tokens`` default to a Llama tokenizer after
+        :func:`~mmlayers.data.ensure_image_tokens` (``<soi>`` 32000, ``<image>`` 32001).
+        """
+        tokens = tokens or TokenConfig(bos_id=1, eos_id=2, pad_id=0, soi_id=32000,
+                                       image_id=32001)
+        return cls(
+            tokens=tokens,
+            llm=LLMConfig(path=llm_path, freeze=True, sync_every=4, sync_dim=1024,
+                          sync_heads=16, sync_points=8, sync_base_size=16,
+                          sync_offset_init=3.0, max_images=50),
+            vision=VisionConfig(path=vit_path, freeze=True, pyramid="adapter", num_tokens=64,
+                                resampler_dim=768, resampler_depth=12, resampler_heads=12,
+                                cross_every=2, llm_levels=[1, 2, 3], unet_levels=[0, 1, 2, 3]),
+            decoder=DecoderConfig(path=sd_path, inference_scheduler="DDPMScheduler",
+                                  num_inference_steps=30, guidance_scale=7.5, freeze_unet=False,
+                                  image_size=512, context_queries=77, context_hidden=1024,
+                                  context_depth=1, context_heads=16, uncond_prob=0.1,
+                                  sync_dim=1024, sync_heads=16, sync_points=8,
+                                  sync_offset_init=1.0, sync_max_images=10))
