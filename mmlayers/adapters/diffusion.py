@@ -35,7 +35,8 @@ from __future__ import annotations
 from mmlayers.adapters.context import ImageContextEncoder, ImageContexts, image_contexts
 from mmlayers.adapters.diffusion_loss import diffusion_loss, encode_latents
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
-from mmlayers.adapters.unet_sync import SkipSynchronizer, UNetSynchronizer
+from mmlayers.adapters.skip_sync import SkipSynchronizer
+from mmlayers.adapters.unet_sync import UNetSynchronizer
 
 __all__ = ["ImageContextEncoder", "ImageContexts", "ImageGenerator", "SkipSynchronizer",
            "UNetSynchronizer", "diffusion_loss", "encode_latents", "image_contexts"]

@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _paper_block(args, wall, cpu) -> None:
     """Part 3 (module docstring): one block, deformable vs dense, at the paper geometry."""
-    from mmlayers.adapters.diffusion import SkipSynchronizer
+    from mmlayers.adapters.skip_sync import SkipSynchronizer
 
     side, ch, dv = args.block_size, 320, 1024
     levels = tuple(max(1, side >> k) for k in range(4))
