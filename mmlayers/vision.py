@@ -102,7 +102,7 @@ class VisualTokenizer(nn.Module):
     Shapes:
         images (b, c, H·p, W·p) in [0, 1] → :class:`VisualTokenizerOutput`.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from transformers import CLIPVisionConfig
         >>> from mmlayers.vision import VisualTokenizer

@@ -33,7 +33,7 @@ class ImageTokens(nn.Module):
         tokens_per_image: k, ``<image>`` slots per image.
         init_logit: initial logit of both new tokens (head weight 0, bias ``init_logit``).
 
-    Example:
+    Examples:
         >>> import torch
         >>> tokens = ImageTokens(hidden_size=4, soi_id=10, image_id=11, tokens_per_image=2)
         >>> table = torch.nn.Embedding(10, 4)

@@ -28,7 +28,7 @@ def trainable_parameters(handle: SynchronizerHandle | None = None,
                          image_tokens: ImageTokens | None = None) -> dict[str, nn.Parameter]:
     """Adapter parameters by name: ``synchronizers.blocks.<layer>.…`` and ``image_tokens.…``.
 
-    Example:
+    Examples:
         >>> tokens = ImageTokens(hidden_size=4, soi_id=10, image_id=11)
         >>> sorted(trainable_parameters(image_tokens=tokens))
         ['image_tokens.head.bias', 'image_tokens.head.weight', 'image_tokens.input_rows', 'image_tokens.soi_vector']
@@ -69,7 +69,7 @@ def parameter_groups(named: dict[str, nn.Parameter], *, lr: float = 1e-4,
     and the ``<soi>`` vector get no weight decay. Empty groups are dropped; every group has
     a ``"names"`` entry (ignored by ``torch.optim``) for inspection.
 
-    Example:
+    Examples:
         >>> import torch
         >>> named = {"a.sampling_offsets.weight": torch.nn.Parameter(torch.zeros(2)),
         ...          "a.gate": torch.nn.Parameter(torch.zeros(1)),

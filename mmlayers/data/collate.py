@@ -65,7 +65,7 @@ def interleaved_labels(input_ids: torch.Tensor, *, bos_id: int, soi_id: int, ima
     Returns:
         (b, n) long labels, −100 where ignored; ``labels[t]`` is the target at position t.
 
-    Example:
+    Examples:
         >>> import torch
         >>> S, E, SOI, IMG, x, y = 1, 2, 4, 5, 7, 8
         >>> ids = torch.tensor([[S, SOI, IMG, x, SOI, IMG, E, S, y, E]])
@@ -161,7 +161,7 @@ class InterleavedCollator:
     Attributes:
         bos_id, eos_id, pad_id, soi_id, image_id: the token ids used.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.data import Document, word_level_tokenizer
         >>> tok = word_level_tokenizer(["a red circle."])

@@ -36,7 +36,7 @@ def _pil_image_class():
 def is_image(item: Any) -> bool:
     """Whether ``item`` is an image item (a PIL image or a tensor), not text.
 
-    Example:
+    Examples:
         >>> import torch
         >>> is_image(torch.zeros(3, 8, 8)), is_image("a red circle.")
         (True, False)
@@ -51,7 +51,7 @@ def image_to_tensor(image: Any) -> torch.Tensor:
     PIL images are converted to RGB (8-bit greyscale stays one channel); tensors are cast to
     float32 and returned as they are otherwise.
 
-    Example:
+    Examples:
         >>> from PIL import Image
         >>> t = image_to_tensor(Image.new("RGB", (4, 2), (255, 0, 51)))
         >>> tuple(t.shape), [round(v, 2) for v in t[:, 0, 0].tolist()]
@@ -97,7 +97,7 @@ class Document:
         TypeError: an item that is neither text nor an image; non-bool ``caption_first``.
         ValueError: a malformed image tensor or ``prompt_items`` out of range.
 
-    Example:
+    Examples:
         >>> import torch
         >>> doc = Document(["a red circle.", torch.zeros(3, 8, 8)], caption_first=True)
         >>> doc.num_images, doc.texts

@@ -86,7 +86,7 @@ def render_shapes(placed: Sequence[tuple[ShapeAttributes, int, int]], *, size: i
             side is the small or large side for ``size`` (see the module docstring).
         size: image side in pixels.
 
-    Example:
+    Examples:
         >>> img = render_shapes([(ShapeAttributes("red", "square", "left", "large"), 0, 11)])
         >>> img.size, img.getpixel((5, 16)), img.getpixel((20, 16))
         ((32, 32), (220, 30, 30), (255, 255, 255))
@@ -165,7 +165,7 @@ def describe_image(image: Any, *, colors: Sequence[str] = tuple(COLORS), min_are
     Returns:
         The shapes found, ordered by centroid from left to right.
 
-    Example:
+    Examples:
         >>> attrs = ShapeAttributes("blue", "triangle", "right", "small")
         >>> describe_image(render_shapes([(attrs, 24, 13)])) == [attrs]
         True
@@ -217,7 +217,7 @@ def score_image(image: Any, expected: Sequence[ShapeAttributes], **kwargs: Any) 
 
     ``kwargs`` go to :func:`describe_image`.
 
-    Example:
+    Examples:
         >>> want = [ShapeAttributes("red", "circle", "left", "large")]
         >>> img = render_shapes([(ShapeAttributes("blue", "circle", "left", "large"), 0, 11)])
         >>> s = score_image(img, want)
@@ -244,7 +244,7 @@ def score_image(image: Any, expected: Sequence[ShapeAttributes], **kwargs: Any) 
 def parse_caption(text: str) -> list[ShapeAttributes]:
     """Shapes named in a caption ("a [small|large] <colour> <shape> [on the left|…]").
 
-    Example:
+    Examples:
         >>> parse_caption("A red circle on the left and a small blue square.")
         [ShapeAttributes(color='red', shape='circle', position='left', size=None), \
 ShapeAttributes(color='blue', shape='square', position=None, size='small')]
@@ -263,7 +263,7 @@ def caption_matches(text: str, expected: Sequence[ShapeAttributes], *,
                     position: bool = False) -> bool:
     """Exact match of the (colour, shape) multiset named in ``text`` (and positions if asked).
 
-    Example:
+    Examples:
         >>> want = [ShapeAttributes("red", "circle", "left", "small")]
         >>> caption_matches("a red circle on the right.", want)
         True
@@ -295,7 +295,7 @@ class ShapesCorpus(torch.utils.data.Dataset):
         caption_first: mark ``caption_image`` documents as caption-first pairs.
         tensors: images as float (3, H, W) tensors in [0, 1] instead of PIL images.
 
-    Example:
+    Examples:
         >>> corpus = ShapesCorpus(seed=0, length=8, kinds=("caption_image",))
         >>> doc = corpus[3]
         >>> isinstance(doc.items[0], str), doc.num_images, doc.caption_first

@@ -46,7 +46,7 @@ def word_level_tokenizer(texts: Iterable[str], *, model_max_length: int = 2048) 
         ``<image>``. ``add_special_tokens=True`` (the default when calling it) prepends
         ``<s>``; the collator inserts its own special tokens and encodes without them.
 
-    Example:
+    Examples:
         >>> tok = word_level_tokenizer(["a red circle on the left."])
         >>> ids = tok("A red circle on the left.", add_special_tokens=False).input_ids
         >>> tok.convert_ids_to_tokens(ids)
@@ -105,7 +105,7 @@ def ensure_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
     Returns:
         ``(soi_id, image_id)``.
 
-    Example:
+    Examples:
         >>> tok = word_level_tokenizer(["a red circle."])
         >>> ensure_image_tokens(tok), len(tok)
         ((4, 5), 10)

@@ -51,7 +51,7 @@ class MultiScaleDeformableAttention(nn.Module):
         value (b, s, value_dim); value_padding_mask (b, s) bool, True = padding
         → (b, n, out_dim).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers import MultiScaleDeformableAttention
         >>> attn = MultiScaleDeformableAttention(32, num_heads=4, num_levels=2, num_points=3)

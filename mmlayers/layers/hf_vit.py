@@ -64,7 +64,7 @@ class ViTBackbone(nn.Module):
         pixel_values (b, c, H·p, W·p) → last hidden state (b, t, d) with
         t = num_prefix_tokens + H·W.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from transformers import CLIPVisionConfig, CLIPVisionModel
         >>> from mmlayers.layers.hf_vit import ViTBackbone

@@ -59,7 +59,7 @@ def sincos_1d(
     Returns:
         (n, d) tensor.
 
-    Example:
+    Examples:
         >>> from mmlayers.layers.posembed import sincos_1d
         >>> e = sincos_1d(3, 4)
         >>> e.shape
@@ -103,7 +103,7 @@ def sincos_2d(
     Returns:
         (H·W, d) tensor; ``rearrange(e, "(H W) d -> d H W", H=H)`` gives a map.
 
-    Example:
+    Examples:
         >>> from mmlayers.layers.posembed import sincos_2d
         >>> e = sincos_2d(2, 3, 4)
         >>> e.shape

@@ -112,7 +112,7 @@ class ViTAdapterPyramid(nn.Module):
         last_hidden_state (b, t, d), levels [(b, d, 4H, 4W), (b, d, 2H, 2W), (b, d, H, W),
         (b, d, ⌈H/2⌉, ⌈W/2⌉)].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from transformers import CLIPVisionConfig, CLIPVisionModel
         >>> from mmlayers.layers.pyramid import ViTAdapterPyramid
@@ -278,7 +278,7 @@ class SimpleFeaturePyramid(nn.Module):
     Shapes:
         x (b, d, H, W) → levels [(b, out_dim, H·s, W·s) for s in scales].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.layers.pyramid import SimpleFeaturePyramid
         >>> fpn = SimpleFeaturePyramid(32, grid_size=(4, 4))

@@ -110,7 +110,7 @@ class PerceiverResampler(nn.Module):
         A row whose context is all padding gets no cross-attention update (its
         cross-attention output is zero) rather than NaNs.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.layers.resampler import PerceiverResampler
         >>> r = PerceiverResampler(dim=32, num_queries=4, depth=2, context_dim=48,

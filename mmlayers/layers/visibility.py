@@ -41,7 +41,7 @@ def image_starts(input_ids: torch.Tensor, *, soi_id: int, image_id: int,
     Returns:
         ``(starts, num_images)``: (b, m) long positions and (b,) long image counts.
 
-    Example:
+    Examples:
         >>> import torch
         >>> ids = torch.tensor([[1, 5, 7, 7, 9, 5, 7, 7]])  # <s> <soi> <image>×2 x <soi> …
         >>> starts, count = image_starts(ids, soi_id=5, image_id=7)
@@ -88,7 +88,7 @@ def image_visibility(input_ids: torch.Tensor, *, soi_id: int, image_id: int, bos
         ``(visibility, num_images)``: (b, n, m) bool and (b,) long images per row (images
         numbered in order of appearance).
 
-    Example:
+    Examples:
         >>> import torch
         >>> S, SOI, IMG, x = 1, 5, 7, 9
         >>> ids = torch.tensor([[S, x, SOI, IMG, IMG, x, S, SOI, IMG, x]])
@@ -124,7 +124,7 @@ def previous_image_visibility(input_ids: torch.Tensor, *, soi_id: int, image_id:
         row (``visibility.float().argmax(-1)`` is the source image where ``any(-1)``), and
         (b,) long images per row.
 
-    Example:
+    Examples:
         >>> import torch
         >>> S, SOI, IMG, x = 1, 5, 7, 9
         >>> ids = torch.tensor([[S, SOI, IMG, x, SOI, IMG, S, SOI, IMG, SOI, IMG]])

@@ -69,7 +69,7 @@ class SpatialPriorModule(nn.Module):
     Shapes:
         image (b, c, H, W) → four maps (b, d, ⌈H/4⌉, ⌈W/4⌉) … (b, d, ⌈H/32⌉, ⌈W/32⌉).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.layers.vit_adapter import SpatialPriorModule
         >>> spm = SpatialPriorModule(32, inplanes=8)
