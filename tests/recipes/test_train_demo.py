@@ -1,0 +1,82 @@
+"""recipes/train.py and recipes/demo.py: overrides, exact resume, and a very short demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+sys.path.insert(0, str(RECIPES))
+
+import demo  # noqa: E402
+import train  # noqa: E402
+
+# A micro model and tiny batches: the recipes' machinery, not the learning, is under test.
+MICRO = ["model.overrides.llm.config.hidden_size=64", "model.overrides.llm.config.num_hidden_layers=2",
+         "model.overrides.llm.config.intermediate_size=128", "model.overrides.vision.num_tokens=4",
+         "model.overrides.vision.resampler_depth=1",
+         "model.overrides.decoder.unet.block_out_channels=[16, 32]",
+         "model.overrides.decoder.unet.cross_attention_dim=32",
+         "model.overrides.decoder.unet.attention_head_dim=4",
+         "model.overrides.decoder.context_hidden=32", "model.overrides.decoder.context_queries=6",
+         "train.batch_size=3", "train.warmup=2", "train.eval_docs=2", "train.log_every=1",
+         "train.threads=1"]
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_overrides_parse_as_yaml(tmp_path):
+    cfg = train.load_config(train.DEFAULT_CONFIG, ["train.steps=7", "train.betas=[0.5, 0.6]",
+                                                   "model.overrides.decoder.guidance_scale=3",
+                                                   "train.time_limit=null"])
+    assert cfg["train"]["steps"] == 7 and cfg["train"]["betas"] == [0.5, 0.6]
+    assert cfg["model"]["overrides"] == {"decoder": {"guidance_scale": 3}}
+    assert cfg["train"]["time_limit"] is None
+    with pytest.raises(ValueError, match="key=value"):
+        train.load_config(train.DEFAULT_CONFIG, ["train.steps"])
+
+
+def _losses(out_dir: Path) -> dict[int, tuple]:
+    rows = [json.loads(line) for line in open(out_dir / "metrics.jsonl")]
+    return {r["step"]: (r["loss"], r["text_loss"], r["image_loss"], r["grad_norm"])
+            for r in rows if "loss" in r}
+
+
+def test_resume_continues_exactly(tmp_path):
+    common = MICRO + ["train.steps=4", "train.save_every=2", "train.eval_every=0"]
+    full = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'a'}"])
+    train.train(full)
+    part = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'b'}",
+                                                             "train.stop_after=2"])
+    train.train(part)                                     # "interrupted" after step 2
+    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_000002"
+    part["train"]["stop_after"] = None
+    train.train(part, resume=True)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert ckpts == ["latest", "step_000002", "step_000004"]   # no .tmp left behind
+
+
+def test_short_demo_writes_its_page(tmp_path):
+    metrics = demo.run(["--quick", "--steps", "2", "--eval-docs", "2", "--out", str(tmp_path),
+                        *MICRO])
+    page = (tmp_path / "index.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 * 1 + 2 * 2 + 2 * 3   # per example
+    assert "caption_exact_match" in page and "Same shape, new colour" in page
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["train_steps"] == 2 and saved["eval_images"] == {"captions": 2, "t2i": 2,
+                                                                  "edits": 2}
+    assert 0.0 <= saved["caption_exact_match"] <= 1.0 and metrics == saved
+    assert (tmp_path / "train" / "model" / "model.safetensors").exists()
