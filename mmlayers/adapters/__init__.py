@@ -21,6 +21,12 @@ _LAZY = {
     "load_adapter": "mmlayers.adapters.policy",
     "ImageContextEncoder": "mmlayers.adapters.diffusion",
     "UNetSynchronizer": "mmlayers.adapters.diffusion",
+    "SkipSynchronizer": "mmlayers.adapters.diffusion",
+    "ImageGenerator": "mmlayers.adapters.diffusion",
+    "ImageContexts": "mmlayers.adapters.diffusion",
+    "image_contexts": "mmlayers.adapters.diffusion",
+    "diffusion_loss": "mmlayers.adapters.diffusion",
+    "encode_latents": "mmlayers.adapters.diffusion",
 }
 
 __all__ = sorted(_LAZY)
