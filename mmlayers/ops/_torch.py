@@ -40,6 +40,30 @@ __all__ = ["CHUNK_BYTES", "torch_deformable_attention"]
 CHUNK_BYTES = 128 * 2**20
 
 
+class _Levels:
+    """Per-level constants of one call, built once: sizes and corner row offsets."""
+
+    def __init__(self, value, shapes, starts, dtype):
+        b, s, h, _ = value.shape
+        device = value.device
+        n_levels = len(shapes)
+        # int32 rows when they fit: half the index traffic, and every kernel used takes them.
+        self.index_dtype = torch.int32 if b * h * s < 2**31 else torch.long
+        self.size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=dtype,
+                                    device=device).view(n_levels, 1, 2)
+        self.low = torch.full_like(self.size_xy, -2.0)
+        self.high = self.size_xy + 1
+        self.width = torch.tensor([w for _, w in shapes], dtype=self.index_dtype,
+                                  device=device).view(n_levels, 1)
+        # Row offset of the four corners (x0 y0, x1 y0, x0 y1, x1 y1) from the level start.
+        self.corner_rows = torch.tensor(
+            [(st, st + 1, st + w, st + w + 1) for (_, w), st in zip(shapes, starts, strict=True)],
+            dtype=self.index_dtype, device=device).view(n_levels, 1, 4)
+        self.base = (torch.arange(b * h, device=device, dtype=self.index_dtype) * s
+                     ).view(b, 1, h, 1, 1)
+        self.n_rows = b * h * s
+
+
 class _Geometry:
     """Corner rows and bilinear factors of the samples of one chunk of queries.
 
@@ -49,47 +73,30 @@ class _Geometry:
     also |d w / d x|.
     """
 
-    def __init__(self, loc, size_xy, starts, base, n_rows, dtype):
-        xy = loc.to(dtype) * size_xy - 0.5  # pixel coordinates, align_corners=False
-        # Clamp far-away points so integer casts stay finite; a clamped point has all four
-        # corners outside the map and still reads zero.
-        xy = torch.minimum(xy.clamp(min=-2.0), size_xy + 1)
+    def __init__(self, loc, lv: _Levels, dtype):
+        n_bags = loc.shape[0] * loc.shape[1] * loc.shape[2]
+        # Pixel coordinates (align_corners=False). Far-away points are clamped so integer
+        # casts stay finite; all four corners of a clamped point are outside the map.
+        xy = torch.clamp(loc.to(dtype) * lv.size_xy - 0.5, lv.low, lv.high)
         xy0 = xy.floor()
         frac = xy - xy0
-        i0 = xy0.to(base.dtype)
-        size_i = size_xy.to(base.dtype)
-        # validity of the two corners along each axis: 0 <= i0 < size, 0 <= i0 + 1 < size
-        v0 = ((i0 >= 0) & (i0 < size_i)).to(dtype)
-        v1 = ((i0 >= -1) & (i0 < size_i - 1)).to(dtype)
-        n_bags = loc.shape[0] * loc.shape[1] * loc.shape[2]
-        row = (base + starts + i0[..., 1] * size_i[..., 0] + i0[..., 0]).view(n_bags, -1, 1)
-        width = size_i[..., 0].expand(loc.shape[:-1]).reshape(n_bags, -1, 1)
-        offsets = torch.tensor([0, 1, 0, 1], dtype=base.dtype, device=base.device)
-        idx = row + offsets + width * torch.tensor([0, 0, 1, 1], dtype=base.dtype,
-                                                   device=base.device)
-        self.idx = idx.clamp_(0, n_rows - 1)
+        # validity of the two corners along each axis: 0 <= x0 <= size-1, -1 <= x0 <= size-2
+        v0 = ((xy0 >= 0) & (xy0 < lv.size_xy)).to(dtype)
+        v1 = ((xy0 >= -1) & (xy0 < lv.size_xy - 1)).to(dtype)
+        i0 = xy0.to(lv.index_dtype)
+        row = i0[..., 1] * lv.width + i0[..., 0] + lv.base  # (b, q, h, l, p)
+        idx = row[..., None] + lv.corner_rows  # (b, q, h, l, p, 4)
+        self.idx = idx.clamp_(0, lv.n_rows - 1).view(n_bags, -1, 4)
         v = torch.stack((v0, v1), -1).view(n_bags, -1, 2, 2)  # (…, xy, corner)
         f = frac.view(n_bags, -1, 2, 1)
-        w = torch.cat((1 - f, f), -1) * v
+        w = torch.cat((1 - f, f), -1).mul_(v)
         self.wx, self.wy = w[:, :, 0], w[:, :, 1]
         self.vx, self.vy = v[:, :, 0], v[:, :, 1]
 
-    def corner_weights(self) -> torch.Tensor:
-        """Bilinear weight of each corner → (b·q·h, l·p, 4)."""
-        return (self.wy[..., :, None] * self.wx[..., None, :]).flatten(-2)
-
-
-def _setup(value, shapes, starts, dtype):
-    b, s, h, dh = value.shape
-    device = value.device
-    n_levels = len(shapes)
-    size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=dtype,
-                           device=device).view(n_levels, 1, 2)
-    # int32 rows when they fit: half the index traffic, and every kernel used takes them.
-    index_dtype = torch.int32 if b * h * s < 2**31 else torch.long
-    base = (torch.arange(b * h, device=device, dtype=index_dtype) * s).view(b, 1, h, 1, 1)
-    starts_t = torch.tensor(starts, dtype=index_dtype, device=device).view(n_levels, 1)
-    return size_xy, starts_t, base
+    def corner_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """Bilinear weight of each corner, times ``scale`` (…, 1) if given → (b·q·h, l·p, 4)."""
+        wy = self.wy if scale is None else self.wy * scale
+        return (wy[..., :, None] * self.wx[..., None, :]).flatten(-2)
 
 
 def _query_chunk(b, h, n_levels, p, dh, dtype, chunk_bytes):
@@ -108,14 +115,13 @@ class _GatherDeformAttn(torch.autograd.Function):
         n, n_levels, p = loc.shape[1], loc.shape[3], loc.shape[4]
         dtype = compute_dtype(value, loc, attn)
         table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
-        size_xy, starts_t, base = _setup(value, shapes, starts, dtype)
+        levels = _Levels(value, shapes, starts, dtype)
         q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, chunk_bytes)
         outs = []
         for q0 in range(0, n, q_chunk):
-            geo = _Geometry(loc[:, q0:q0 + q_chunk], size_xy, starts_t, base, table.shape[0],
-                            dtype)
+            geo = _Geometry(loc[:, q0:q0 + q_chunk], levels, dtype)
             a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(geo.idx.shape[:2] + (1,))
-            weight = a * geo.corner_weights()
+            weight = geo.corner_weights(a)
             out = F.embedding_bag(geo.idx.flatten(1), table, per_sample_weights=weight.flatten(1),
                                   mode="sum")
             outs.append(out.view(b, -1, h * dh))
@@ -132,22 +138,22 @@ class _GatherDeformAttn(torch.autograd.Function):
         dtype = compute_dtype(value, loc, attn)
         need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
         table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
-        n_rows = table.shape[0]
-        size_xy, starts_t, base = _setup(value, ctx.shapes, ctx.starts, dtype)
+        levels = _Levels(value, ctx.shapes, ctx.starts, dtype)
+        size_xy = levels.size_xy
         g_all = grad_out.to(dtype).reshape(b, n, h, dh)
         grad_table = torch.zeros_like(table) if need_v else None
         grad_loc, grad_attn = [], []
         q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, ctx.chunk_bytes)
-        rows = torch.arange(n_rows, device=value.device, dtype=base.dtype)
+        rows = torch.arange(levels.n_rows, device=value.device, dtype=levels.index_dtype)
         for q0 in range(0, n, q_chunk):
             loc_c = loc[:, q0:q0 + q_chunk]
-            geo = _Geometry(loc_c, size_xy, starts_t, base, n_rows, dtype)
+            geo = _Geometry(loc_c, levels, dtype)
             n_bags, lp = geo.idx.shape[:2]
             g = g_all[:, q0:q0 + q_chunk].reshape(n_bags, dh)
             a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(n_bags, lp, 1)
             if need_v:
                 # Transposed bag: sort corner entries by row, sum weighted query grads.
-                weight = (a * geo.corner_weights()).flatten()
+                weight = geo.corner_weights(a).flatten()
                 sorted_rows, order = torch.sort(geo.idx.flatten())
                 offsets = torch.searchsorted(sorted_rows, rows)
                 bag_of = torch.div(order, lp * 4, rounding_mode="floor").to(offsets.dtype)
