@@ -141,7 +141,7 @@ class _GatherDeformAttn(torch.autograd.Function):
         levels = _Levels(value, ctx.shapes, ctx.starts, dtype)
         size_xy = levels.size_xy
         g_all = grad_out.to(dtype).reshape(b, n, h, dh)
-        grad_table = torch.zeros_like(table) if need_v else None
+        grad_table = None
         grad_loc, grad_attn = [], []
         q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, ctx.chunk_bytes)
         rows = torch.arange(levels.n_rows, device=value.device, dtype=levels.index_dtype)
@@ -157,8 +157,9 @@ class _GatherDeformAttn(torch.autograd.Function):
                 sorted_rows, order = torch.sort(geo.idx.flatten())
                 offsets = torch.searchsorted(sorted_rows, rows)
                 bag_of = torch.div(order, lp * 4, rounding_mode="floor").to(offsets.dtype)
-                grad_table += F.embedding_bag(bag_of, g, offsets,
-                                              per_sample_weights=weight[order], mode="sum")
+                part = F.embedding_bag(bag_of, g, offsets, per_sample_weights=weight[order],
+                                       mode="sum")
+                grad_table = part if grad_table is None else grad_table.add_(part)
             if need_loc or need_attn:
                 # d[y, x] = <V[row of corner (x, y)], g>: the gradient of each corner weight.
                 d = _corner_dots(table, geo.idx, g, pattern_values=weight if need_v else None
