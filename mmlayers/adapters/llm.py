@@ -37,7 +37,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from mmlayers.layers.synchronizer import FeatureSynchronizer
+from mmlayers.layers.synchronizer import FeatureSynchronizer, PreparedValues
 
 __all__ = ["HOOK_POINTS", "SynchronizerBlock", "SynchronizerHandle", "attach_synchronizers",
            "find_decoder_layers"]
@@ -142,9 +142,16 @@ class SynchronizerBlock(nn.Module):
         p = self.gate
         return self.sync.project_values(self.vision_norm(features.to(p.device, p.dtype)))
 
-    def forward(self, hidden: torch.Tensor, values: torch.Tensor,
+    def prepare_values(self, features: torch.Tensor) -> PreparedValues:
+        """(b, m, s, dv) image features → values projected and laid out for sampling, to
+        reuse across calls (see :meth:`FeatureSynchronizer.prepare_values
+        <mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values>`)."""
+        return self.sync.prepare_values(values=self.project_values(features))
+
+    def forward(self, hidden: torch.Tensor, values: torch.Tensor | PreparedValues,
                 visibility: torch.Tensor | None = None) -> torch.Tensor:
-        """hidden (b, n, d), values (b, m, s, dim), visibility (b, n, m) | (b, m) → (b, n, d)."""
+        """hidden (b, n, d), values (b, m, s, dim) or prepared, visibility (b, n, m) | (b, m)
+        → (b, n, d)."""
         q = self.query_norm(hidden.to(self.gate.dtype))
         out = self.sync(q, visibility=visibility, values=values)
         return (self.gate.tanh() * out).to(hidden.dtype)
@@ -156,7 +163,7 @@ class _VisionContext:
     def __init__(self, features, visibility, cache_values):
         self.features, self.visibility, self.cache_values = features, visibility, cache_values
         self.past = 0          # positions already in the KV cache for the current forward
-        self.values = {}       # (layer key, query batch) → values
+        self.values = {}       # (layer key, query batch) → PreparedValues
         self.pending = {}      # layer key → gated output between the two hooks of a layer
 
     def batch_index(self, batch: int) -> torch.Tensor | None:
@@ -237,8 +244,9 @@ class SynchronizerHandle:
                 uses rows t, t+1, …; positions beyond row n − 1 (newly generated tokens) use
                 the last row.
             cache_values: under ``torch.no_grad()``, compute each block's value projection
-                once and reuse it for every call in the block (decoding steps, beams). With
-                grad enabled values are recomputed per call.
+                and sampling layout (:meth:`SynchronizerBlock.prepare_values`) once and reuse
+                it for every call in the block (decoding steps, beams). With grad enabled
+                values are recomputed per call.
 
         A batch of ``k·b`` rows (``generate`` with beams or several returned sequences
         repeats every row k times in place) reads image row ``i // k``. Nested blocks are
@@ -295,9 +303,9 @@ class SynchronizerHandle:
         if values is None:
             base = ctx.values.get((key, ctx.features.shape[0])) if reuse else None
             if base is None:
-                base = block.project_values(ctx.features)
+                base = block.prepare_values(ctx.features)
             idx = ctx.batch_index(batch)
-            values = base if idx is None else base.index_select(0, idx.to(base.device))
+            values = base if idx is None else base.index_select(idx)
             if reuse:
                 ctx.values[(key, ctx.features.shape[0])] = base
                 ctx.values[(key, batch)] = values

@@ -24,17 +24,18 @@ above is the same function. It is computed faster than the official code:
 - the projections are affine, so ``W_q q`` and ``W_o W_q q``/``W_a W_q q`` are computed once
   per token and the per-image terms ``W_o E[r]`` and ``W_a E[r]`` come from a
   (max_images, ·) table, instead of repeating the query m times before a dq×dq Linear;
-- invisible images are never sampled: each query's visible images are packed into slots
-  (slot j is relative position j + 1), queries are sorted by how many images they see and
-  processed in chunks, and one deformable-attention call per chunk reads all slots through a
-  per-level "tall" map where the images are stacked vertically with one zero row between
+- invisible images are never sampled: every visible (query, image) pair is one "query" of a
+  single deformable-attention call with p points per level, reading its image in per-level
+  "tall" maps where the images of a row are stacked vertically with one zero row between
   them (samples that leave their image are given weight 0, which is what zero padding
-  gives them in the official op).
+  gives them in the official op); pair outputs are summed per query, and the joint softmax
+  is a segment softmax over the pairs of a query. The tall layout costs one copy of the
+  values; :meth:`FeatureSynchronizer.prepare_values` builds it once for many calls (e.g.
+  the decoding steps of one prompt).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -42,9 +43,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from mmlayers.layers._sync_layout import PreparedValues, tall_layout
 from mmlayers.ops.deform_attn import multi_scale_deformable_attention
 
-__all__ = ["FeatureSynchronizer", "relative_image_positions"]
+__all__ = ["FeatureSynchronizer", "PreparedValues", "relative_image_positions"]
 
 _OFFICIAL_KEYS = ("dynamic_offset_mask.weight", "dynamic_offset_mask.bias",
                   "sampling_offsets.weight", "sampling_offsets.bias",
@@ -90,8 +92,9 @@ class FeatureSynchronizer(nn.Module):
         max_images: rows of the relative-position table; at most ``max_images − 1`` images
             (row 0 is the "invisible" position).
         backend: deformable-attention backend (see ``multi_scale_deformable_attention``).
-        query_chunk: queries per deformable-attention call; queries are grouped by how many
-            images they see so that each call samples only the images its queries see.
+        query_chunk: at most this many queries per deformable-attention call (bounds the
+            per-call working state); ``None`` (default): one call for all queries, which
+            is fastest (each call has a fixed cost proportional to the value maps).
 
     Differences from the official module (all exact, see the module docstring): the
     dq→dq query Linear is named ``query_proj`` (officially ``dynamic_offset_mask``); the
@@ -114,14 +117,14 @@ class FeatureSynchronizer(nn.Module):
     def __init__(self, *, dim: int, query_dim: int, value_dim: int, out_dim: int | None = None,
                  heads: int = 16, points: int = 8, level_sizes: Sequence[int] = (32, 16, 8),
                  base_size: int = 16, offset_init: float = 3.0, max_images: int = 50,
-                 backend: str | None = None, query_chunk: int = 128,
+                 backend: str | None = None, query_chunk: int | None = None,
                  device=None, dtype=None) -> None:
         super().__init__()
         out_dim = dim if out_dim is None else out_dim
         for name, v in (("dim", dim), ("query_dim", query_dim), ("value_dim", value_dim),
                         ("out_dim", out_dim), ("heads", heads), ("points", points),
                         ("base_size", base_size), ("max_images", max_images),
-                        ("query_chunk", query_chunk)):
+                        ("query_chunk", 1 if query_chunk is None else query_chunk)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if dim % heads:
@@ -182,8 +185,47 @@ class FeatureSynchronizer(nn.Module):
                 f"{name} must have shape (b, m, s={s}, {width}) for level_sizes "
                 f"{self.level_sizes} (s = Σ size²), got {tuple(x.shape)}")
 
+    def prepare_values(self, features: torch.Tensor | None = None, *,
+                       values: torch.Tensor | None = None) -> PreparedValues:
+        """Project (if needed) and lay out image values once, for several ``forward`` calls.
+
+        Args:
+            features: (b, m, s, dv) image pyramids; or
+            values: (b, m, s, d) from :meth:`project_values`.
+
+        Returns:
+            a :class:`PreparedValues` to pass as ``forward(..., values=prepared)``; the
+            outputs are exactly those of the raw path. Under ``torch.no_grad()`` it can be
+            reused for every decoding step of one prompt; with grad it carries the graph to
+            the features.
+
+        Example:
+            >>> import torch
+            >>> sync = FeatureSynchronizer(dim=8, query_dim=6, value_dim=4, heads=2, points=2,
+            ...                            level_sizes=(2, 1), base_size=2)
+            >>> feats = torch.randn(1, 3, 5, 4)                          # (b, m, s, dv)
+            >>> prepared = sync.prepare_values(feats)
+            >>> query = torch.randn(1, 4, 6)
+            >>> torch.equal(sync(query, values=prepared), sync(query, feats))
+            True
+        """
+        if (features is None) == (values is None):
+            raise ValueError("pass exactly one of features (b, m, s, dv) and values "
+                             "(b, m, s, d) from project_values")
+        if values is None:
+            values = self.project_values(features)
+        else:
+            self._check_features(values, "values", self.dim)
+        m = values.shape[1]
+        if m >= self.max_images:
+            raise ValueError(f"got m={m} images but max_images={self.max_images} allows at "
+                             f"most {self.max_images - 1} (relative position 0 is reserved)")
+        return PreparedValues(tall_layout(values, self.level_sizes, self.heads), m,
+                              self.level_sizes)
+
     def forward(self, query: torch.Tensor, features: torch.Tensor | None = None,
-                visibility: torch.Tensor | None = None, *, values: torch.Tensor | None = None,
+                visibility: torch.Tensor | None = None, *,
+                values: torch.Tensor | PreparedValues | None = None,
                 reference_points: torch.Tensor | None = None) -> torch.Tensor:
         """Synchronise queries with the images they may see.
 
@@ -193,7 +235,9 @@ class FeatureSynchronizer(nn.Module):
                 concatenated in ``level_sizes`` order. Give this or ``values``.
             visibility: (b, m) or (b, n, m), bool (or 0/1); ``None``: every image visible to
                 every query. A query that sees no image gets ``output_proj(0)``.
-            values: (b, m, s, d) from :meth:`project_values`, instead of ``features``.
+            values: (b, m, s, d) from :meth:`project_values`, or a :class:`PreparedValues`
+                from :meth:`prepare_values` (no per-call re-layout), instead of
+                ``features``.
             reference_points: (b, n, 2) or (1, n, 2) normalised (x, y); default the image
                 centre (0.5, 0.5).
 
@@ -201,58 +245,26 @@ class FeatureSynchronizer(nn.Module):
             (b, n, out_dim) in the query's dtype.
 
         Note:
-            One small device→host copy per call: the number of images each chunk of queries
-            sees (it sizes the sampling call).
+            One small device→host synchronisation per call (two when b > 1): the number of
+            visible (query, image) pairs sizes the sampling call.
         """
-        q, vals, vis, ref = self._validate(query, features, visibility, values, reference_points)
+        q, prep, vis, ref = self._validate(query, features, visibility, values, reference_points)
         b, n, _ = q.shape
-        m = vals.shape[1]
-        cdt = torch.float64 if torch.float64 in (q.dtype, vals.dtype) else torch.float32
+        cdt = torch.float64 if torch.float64 in (q.dtype, prep.tall.dtype) else torch.float32
         qp = self.query_proj(q)
-        off = self.sampling_offsets(qp)
-        logit = self.attention_weights(qp)
-        table = self.query_relpos.weight
-        off_tab = F.linear(table, self.sampling_offsets.weight)
-        logit_tab = F.linear(table, self.attention_weights.weight)
-        count = vis.sum(-1)  # (b, n)
-        rank = torch.arange(m, device=vis.device).expand_as(vis)
-        # slot j of a query holds its (j + 1)-th most recent visible image (relpos j + 1)
-        slots = torch.where(vis, rank, -1).sort(-1, descending=True).values
-        chunk = self.query_chunk
-        if n > chunk:
-            perm = count.argsort(dim=1, descending=True, stable=True)
-            count, slots, vis = count.gather(1, perm), _take(slots, perm), _take(vis, perm)
-            off, logit = _take(off, perm), _take(logit, perm)
-            ref = _take(ref.expand(b, n, 2), perm)
-        # per chunk of queries: how many slots, and which images any of its queries sees
-        n_chunks, pad = -(-n // chunk), -n % chunk
-        widths = F.pad(count, (0, pad)).view(b, n_chunks, chunk).amax((0, 2))
-        used = F.pad(vis, (0, 0, 0, pad)).view(b, n_chunks, chunk, m).any(2).any(0)
-        plan = torch.cat((widths[:, None], used.long()), dim=1).tolist()  # one host copy
-        pieces = self._image_pieces(vals)
-        tall_all, outs = None, []
-        chunks = zip(plan, off.split(chunk, 1), logit.split(chunk, 1), ref.split(chunk, 1),
-                     count.split(chunk, 1), slots.split(chunk, 1), strict=True)
-        for (v, *seen), off_c, logit_c, ref_c, count_c, slots_c in chunks:
-            if v == 0:
-                outs.append(qp.new_zeros((b, count_c.shape[1], self.dim), dtype=vals.dtype))
-                continue
-            imgs = [k for k in range(m) if seen[k]]
-            img = slots_c[..., :v]
-            if 2 * len(imgs) > m:  # most images: stack all of them once, reuse the stack
-                imgs = list(range(m))
-                tall_all = self._tall_values(pieces, imgs) if tall_all is None else tall_all
-                tall = tall_all
-            else:  # at most half of them: stack only these, renumbered
-                tall = self._tall_values(pieces, imgs)
-                where = torch.full((m + 1,), -1, dtype=torch.long, device=vals.device)
-                where[imgs] = torch.arange(len(imgs), device=vals.device)
-                img = where[img]  # -1 (no image) stays -1 through where[m]
-            outs.append(self._sample(tall, len(imgs), off_c, logit_c, ref_c, count_c, img,
-                                     off_tab[1:v + 1], logit_tab[1:v + 1], cdt))
-        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
-        if n > chunk:
-            out = _take(out, perm.argsort(dim=1))
+        off, logit = self.sampling_offsets(qp), self.attention_weights(qp)
+        table = self.query_relpos.weight[:prep.images + 1]
+        tabs = (F.linear(table, self.sampling_offsets.weight),
+                F.linear(table, self.attention_weights.weight))
+        chunk = self.query_chunk or n
+        if n <= chunk:
+            out = self._read(prep, vis, off, logit, ref, *tabs, cdt)
+        else:
+            ref = None if ref is None else ref.expand(b, n, 2)
+            out = torch.cat([self._read(prep, vis[:, i:i + chunk], off[:, i:i + chunk],
+                                        logit[:, i:i + chunk],
+                                        None if ref is None else ref[:, i:i + chunk], *tabs, cdt)
+                             for i in range(0, n, chunk)], dim=1)
         return self.output_proj(out.to(qp.dtype))
 
     def _validate(self, query, features, visibility, values, reference_points):
@@ -263,18 +275,20 @@ class FeatureSynchronizer(nn.Module):
                              f"got {tuple(query.shape)}")
         if (features is None) == (values is None):
             raise ValueError("pass exactly one of features (b, m, s, dv) and values "
-                             "(b, m, s, d) from project_values")
-        if values is None:
-            values = self.project_values(features)
+                             "(b, m, s, d) from project_values or prepare_values")
+        if isinstance(values, PreparedValues):
+            prep = values
+            if (prep.dim, prep.heads, prep.level_sizes) != (self.dim, self.heads,
+                                                            self.level_sizes):
+                raise ValueError(f"prepared values have dim={prep.dim}, heads={prep.heads}, "
+                                 f"level_sizes={prep.level_sizes}; this layer expects "
+                                 f"{self.dim}, {self.heads}, {self.level_sizes}")
         else:
-            self._check_features(values, "values", self.dim)
+            prep = self.prepare_values(features, values=values)
         b, n, _ = query.shape
-        m = values.shape[1]
-        if values.shape[0] != b:
-            raise ValueError(f"image batch {values.shape[0]} does not match query batch {b}")
-        if m >= self.max_images:
-            raise ValueError(f"got m={m} images but max_images={self.max_images} allows at "
-                             f"most {self.max_images - 1} (relative position 0 is reserved)")
+        m = prep.images
+        if prep.batch != b:
+            raise ValueError(f"image batch {prep.batch} does not match query batch {b}")
         if visibility is None:
             vis = torch.ones(b, n, m, dtype=torch.bool, device=query.device)
         else:
@@ -288,60 +302,54 @@ class FeatureSynchronizer(nn.Module):
             if vis.dim() == 2:
                 vis = vis[:, None].expand(b, n, m)
         if reference_points is None:
-            ref = torch.full((1, n, 2), 0.5, device=query.device)
+            ref = None  # the image centre (0.5, 0.5)
         else:
             ref = reference_points
             if ref.dim() != 3 or ref.shape[0] not in (1, b) or tuple(ref.shape[1:]) != (n, 2):
                 raise ValueError(f"reference_points must have shape (b, n, 2)={(b, n, 2)} or "
                                  f"(1, n, 2), got {tuple(ref.shape)}")
-        return query, values, vis, ref
+        return query, prep, vis, ref
 
-    def _image_pieces(self, vals: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
-        """Per level, per image: (b, h, (size+1)·size, dh) head-major maps with one zero row
-        under the image (split once, so each chunk's stacking has a cheap backward)."""
-        pieces, start = [], 0
-        for size in self.level_sizes:
-            v = rearrange(vals[:, :, start:start + size * size], "b m (H W) d -> b m H W d",
-                          H=size)
-            v = rearrange(F.pad(v, (0, 0, 0, 0, 0, 1)), "b m H W (h dh) -> b m h (H W) dh",
-                          h=self.heads)
-            pieces.append(v.unbind(1))
-            start += size * size
-        return pieces
+    def _read(self, prep, vis, off, logit, ref, off_tab, logit_tab, cdt):
+        """Σ over each query's visible images with one deformable call → (b, n, d).
 
-    def _tall_values(self, pieces, imgs: list[int]) -> torch.Tensor:
-        """(b, Σ_l |imgs|·(size_l+1)·size_l, h, dh): per level, images ``imgs`` stacked
-        vertically, each with its zero row (stored head-major, returned as a view)."""
-        return torch.cat([lv[k] for lv in pieces for k in imgs], dim=2).transpose(1, 2)
-
-    def _sample(self, tall, m, off, logit, ref, count, slots, off_tab, logit_tab, cdt):
-        """Deformable read of ``v`` slots for one chunk of c queries → (b, c, d)."""
-        b, c, _ = off.shape
-        v = slots.shape[-1]
-        h, p, n_lv = self.heads, self.points, len(self.level_sizes)
-        off = rearrange(off.unsqueeze(2) + off_tab, "b c v (h p xy) -> b c h v p xy", h=h, p=p)
-        logit = rearrange(logit.unsqueeze(2) + logit_tab, "b c v (h l p) -> b c h l v p",
-                          h=h, l=n_lv)
-        slot_ok = torch.arange(v, device=count.device) < count[..., None]  # (b, c, v)
-        logit = logit.to(cdt).masked_fill(~slot_ok[:, :, None, None, :, None], -math.inf)
-        flat = rearrange(logit, "b c h l v p -> b c h (l v p)")
-        # the official m·l ignore slots of logit −log(m·l) and zero value = one null slot
-        flat = torch.cat((flat, flat.new_zeros(b, c, h, 1)), dim=-1).softmax(-1)[..., :-1]
-        weight = rearrange(flat, "b c h (l v p) -> b c h l v p", l=n_lv, v=v)
-        off, ref = off.to(cdt), ref.to(cdt)[:, :, None, None, None, :]
-        img = slots.clamp(min=0)[:, :, None, :, None].to(cdt)  # (b, c, 1, v, 1)
-        locs, ws = [], []
-        for li, size in enumerate(self.level_sizes):
-            x, y = (ref + off * (size / self.base_size) / size).unbind(-1)
-            py = y * size - 0.5
-            inside = (py > -1) & (py < size)  # rows this sample could read in its own image
-            ty = (img * (size + 1) + py + 0.5) / (m * (size + 1))
-            locs.append(torch.stack((x, ty), dim=-1))
-            ws.append(weight[:, :, :, li] * inside)
-        loc = rearrange(torch.stack(locs, 3), "b c h l v p xy -> b c h l (v p) xy")
-        w = rearrange(torch.stack(ws, 3), "b c h l v p -> b c h l (v p)")
-        shapes = [(m * (size + 1), size) for size in self.level_sizes]
-        return multi_scale_deformable_attention(tall, shapes, None, loc, w, backend=self.backend)
+        Every visible (query, image) pair becomes one "query" of the op with p points per
+        level, reading its image in the tall maps; pair outputs are summed per query.
+        """
+        b, n, _ = off.shape
+        h, p, n_lv, m = self.heads, self.points, len(self.level_sizes), prep.images
+        out = off.new_zeros(b * n, self.dim, dtype=prep.tall.dtype)
+        bi, ti, ki = vis.nonzero(as_tuple=True)  # sorted by (row, query, image); host sync
+        if bi.numel() == 0:
+            return out.view(b, n, -1)
+        qi = bi * n + ti
+        r = relative_image_positions(vis)[bi, ti, ki]
+        lg = logit.reshape(b * n, -1).index_select(0, qi) + logit_tab.index_select(0, r)
+        weight = _segment_softmax(lg.to(cdt).view(-1, h, n_lv * p), qi, b * n)
+        o = off.reshape(b * n, -1).index_select(0, qi) + off_tab.index_select(0, r)
+        # normalised (x, y) in the image, the same at every level: (size / base) / size = 1 / base
+        xy = o.to(cdt).view(-1, h, 1, p, 2) / self.base_size
+        xy = xy + (0.5 if ref is None else
+                   ref.to(cdt).expand(b, n, 2).reshape(b * n, 1, 1, 1, 2).index_select(0, qi))
+        sizes = torch.tensor(self.level_sizes, dtype=cdt, device=xy.device)[:, None]  # (l, 1)
+        py = xy[..., 1] * sizes  # (P, h, l, p): pixel row + 0.5 inside the image
+        rows = sizes + 1  # image rows + its zero row in the tall map
+        ty = (ki.to(cdt)[:, None, None, None] * rows + py) / (m * rows)
+        loc = torch.stack((xy[..., 0].expand_as(ty), ty), -1)  # (P, h, l, p, 2)
+        # rows -1 … size read the own image or a zero row; farther samples are dropped
+        w = weight.view(-1, h, n_lv, p) * ((py > -0.5) & (py < sizes + 0.5))
+        if b == 1:
+            res = multi_scale_deformable_attention(prep.value(), prep.spatial_shapes(), None,
+                                                   loc[None], w[None], backend=self.backend)[0]
+        else:  # the op wants the same number of pairs per row: pad with weight-0 pairs
+            counts = torch.bincount(bi, minlength=b)
+            j = torch.arange(bi.numel(), device=bi.device) - (counts.cumsum(0) - counts)[bi]
+            width = int(counts.max())  # host sync
+            loc = loc.new_zeros(b, width, *loc.shape[1:]).index_put((bi, j), loc)
+            w = w.new_zeros(b, width, *w.shape[1:]).index_put((bi, j), w)
+            res = multi_scale_deformable_attention(prep.value(), prep.spatial_shapes(), None,
+                                                   loc, w, backend=self.backend)[bi, j]
+        return out.index_add(0, qi, res).view(b, n, -1)
 
     @torch.no_grad()
     def load_official_state_dict(self, state_dict: Mapping[str, torch.Tensor],
@@ -386,7 +394,16 @@ class FeatureSynchronizer(nn.Module):
         self.load_state_dict(sd)
 
 
-def _take(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, i], ...] for (b, n, ...) x and (b, n') index."""
-    idx = index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
-    return x.gather(1, idx)
+def _segment_softmax(logit: torch.Tensor, segment: torch.Tensor, n_segments: int
+                     ) -> torch.Tensor:
+    """Softmax over all entries of each segment plus one null entry of logit 0.
+
+    logit (P, h, k), segment (P,) ids in [0, n_segments) → (P, h, k): for each (segment,
+    head), ``exp(logit) / (1 + Σ_{rows of the segment} Σ_k exp(logit))``, computed stably.
+    """
+    peak = logit.detach().amax(-1)  # (P, h)
+    shift = peak.new_zeros(n_segments, peak.shape[1]).scatter_reduce_(
+        0, segment[:, None].expand_as(peak), peak, "amax")  # ≥ 0: includes the null entry
+    e = (logit - shift.index_select(0, segment)[..., None]).exp()
+    denom = (-shift).exp().index_add(0, segment, e.sum(-1))
+    return e / denom.index_select(0, segment)[..., None]
