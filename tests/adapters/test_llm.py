@@ -138,7 +138,11 @@ def _count_value_proj(handle):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox"])
-def test_generate_cached_equals_uncached_and_projects_values_once(family):
+def test_generate_cached_equals_uncached_and_projects_values_once(family, monkeypatch):
+    import mmlayers.layers.synchronizer as sync_mod
+
+    layouts, tall_layout = [], sync_mod.tall_layout
+    monkeypatch.setattr(sync_mod, "tall_layout", lambda *a: layouts.append(1) or tall_layout(*a))
     model = tiny(family)
     handle = attach_synchronizers(model, every=2, **SYNC)
     set_gates(handle, 1.5)
@@ -158,6 +162,7 @@ def test_generate_cached_equals_uncached_and_projects_values_once(family):
         h.remove()
     assert torch.equal(cached, uncached)
     assert n_cached == len(handle.blocks)  # once per prompt, not per step
+    assert len(layouts) == len(handle.blocks)  # laid out once for every call in the block
     with torch.no_grad():
         out = model(ids, use_cache=True)
         with handle.vision(feats, vis):

@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from mmlayers.layers.synchronizer import FeatureSynchronizer, relative_image_positions
+from mmlayers.layers._sync_layout import tall_layout
+from mmlayers.layers.synchronizer import (
+    FeatureSynchronizer,
+    PreparedValues,
+    relative_image_positions,
+)
 from mmlayers.ops import multi_scale_deformable_attention
 
 CFG = dict(dim=16, query_dim=12, value_dim=10, out_dim=14, heads=2, points=3,
@@ -109,12 +114,13 @@ def test_hoisted_matches_official_fp64(chunk):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
-def test_reference_backend_and_offsets_leaving_image():
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_backends_and_offsets_leaving_image(backend):
     # large offsets: many samples leave their image and must read zeros, not the neighbour
     layer, sd = make(offset_init=0.0)
     sd["sampling_offsets.bias"] = sd["sampling_offsets.bias"] * 4
     layer.load_official_state_dict(sd)
-    layer.backend = "reference"
+    layer.backend = backend
     query, feats, vis = inputs(seed=3)
     torch.testing.assert_close(layer(query, feats, vis), official_forward(sd, query, feats, vis),
                                rtol=1e-10, atol=1e-10)
@@ -234,3 +240,129 @@ def test_bad_input_errors():
         layer(query, feats, vis, reference_points=torch.rand(2, 7, 3))
     with pytest.raises(ValueError, match="divisible"):
         FeatureSynchronizer(dim=10, query_dim=4, value_dim=4, heads=3)
+
+
+# ------------------------------------------------------------ prepared values, decode path
+def _count_calls(monkeypatch, name):
+    import mmlayers.layers.synchronizer as mod
+
+    calls, fn = [], getattr(mod, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(args[-1].shape if name == "multi_scale_deformable_attention" else 1)
+        return fn(*args, **kwargs)
+
+    monkeypatch.setattr(mod, name, wrapper)
+    return calls
+
+
+def test_tall_layout_by_hand_and_gradcheck():
+    g = torch.Generator().manual_seed(0)
+    b, m, sizes, h = 2, 3, (3, 2), 2
+    values = torch.randn(b, m, 13, 4, generator=g, dtype=torch.float64)
+    got = tall_layout(values, sizes, h)  # (b, h, S, dh)
+    assert got.shape == (b, h, m * 4 * 3 + m * 3 * 2, 2)
+    start = row = 0
+    for size in sizes:
+        for k in range(m):
+            img = values[:, k, start:start + size * size].view(b, size, size, h, 2)
+            for i in range(size + 1):
+                want = img[:, i] if i < size else torch.zeros_like(img[:, 0])
+                seg = got[:, :, row:row + size].permute(0, 2, 1, 3)  # (b, W, h, dh)
+                assert torch.equal(seg, want)
+                row += size
+        start += size * size
+    assert row == got.shape[2]
+    small = torch.randn(1, 2, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: tall_layout(v, (2, 1), 2), (small,))
+
+
+def test_prepared_values_equal_raw_path_exactly(monkeypatch):
+    layer, sd = make()
+    query, feats, vis = inputs()
+    ref = torch.rand(2, 7, 2, dtype=torch.float64)
+    raw = layer(query, feats, vis, reference_points=ref)
+    layouts = _count_calls(monkeypatch, "tall_layout")
+    prepared = layer.prepare_values(feats)
+    assert isinstance(prepared, PreparedValues) and len(layouts) == 1
+    assert (prepared.batch, prepared.images, prepared.dim) == (2, 3, CFG["dim"])
+    for _ in range(2):  # reused, never laid out again
+        got = layer(query, visibility=vis, values=prepared, reference_points=ref)
+        assert torch.equal(got, raw)
+    assert len(layouts) == 1
+    torch.testing.assert_close(raw, official_forward(sd, query, feats, vis, ref),
+                               rtol=1e-10, atol=1e-10)
+    # from projected values, and batch rows picked from a prepared batch
+    assert torch.equal(layer(query, values=layer.prepare_values(
+        values=layer.project_values(feats)), visibility=vis, reference_points=ref), raw)
+    idx = torch.tensor([1, 1, 0])
+    picked = prepared.index_select(idx)
+    assert torch.equal(picked.tall, layer.prepare_values(feats[idx]).tall)
+    assert torch.equal(layer(query[idx], values=picked, visibility=vis[idx]),
+                       layer(query[idx], feats[idx], vis[idx]))
+
+
+def test_prepared_values_carry_gradients_like_raw_path():
+    layer, _ = make()
+    query, feats, vis = inputs()
+    grads = []
+    for prepared in (False, True):
+        f = feats.clone().requires_grad_()
+        q = query.clone().requires_grad_()
+        layer.zero_grad()
+        vals = layer.prepare_values(f) if prepared else None
+        out = layer(q, None if prepared else f, vis, values=vals)
+        (out * torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype)).sum().backward()
+        grads.append([f.grad, q.grad] + [p.grad.clone() for p in layer.parameters()])
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert grads[0][0].abs().sum() > 0
+
+
+def test_decode_step_single_op_call_matches_full_sequence(monkeypatch):
+    # a decoding step: one query per row, its visibility row; equals the matching row of the
+    # full-sequence call, with one small op call over only the images it sees
+    layer, sd = make()
+    query, feats, vis = inputs()
+    full = layer(query, feats, vis)
+    prepared = layer.prepare_values(feats)
+    calls = _count_calls(monkeypatch, "multi_scale_deformable_attention")
+    layouts = _count_calls(monkeypatch, "tall_layout")
+    for t in range(query.shape[1]):
+        step = layer(query[:, t:t + 1], visibility=vis[:, t:t + 1], values=prepared)
+        torch.testing.assert_close(step, full[:, t:t + 1], rtol=1e-12, atol=1e-12)
+        want = official_forward(sd, query[:, t:t + 1], feats, vis[:, t:t + 1])
+        torch.testing.assert_close(step, want, rtol=1e-10, atol=1e-10)
+    assert not layouts
+    # one call per step that sees any image, of (b, n', h, l, p, 2) with n' = the images the
+    # step's query sees in its fullest row: invisible images are not sampled
+    seen = [int(x) for x in vis.sum(-1).amax(0)]
+    assert 0 in vis.sum(-1)[0].tolist() and min(seen) < vis.shape[-1]
+    assert [c[:2] for c in calls] == [(2, x) for x in seen if x]
+
+
+def test_one_op_call_for_all_queries_by_default(monkeypatch):
+    layer, _ = make()
+    query, feats, vis = inputs()
+    calls = _count_calls(monkeypatch, "multi_scale_deformable_attention")
+    layer(query, feats, vis)
+    assert len(calls) == 1
+    # the call reads exactly the visible (query, image) pairs of the fullest row
+    assert calls[0][:2] == (2, int(vis.sum((1, 2)).max()))
+    layer.query_chunk = 3
+    layer(query, feats, vis)
+    assert len(calls) == 1 + 3
+
+
+def test_prepared_values_errors():
+    layer, _ = make()
+    query, feats, vis = inputs()
+    other = FeatureSynchronizer(**{**CFG, "heads": 4}, dtype=torch.float64)
+    with pytest.raises(ValueError, match="heads=4"):
+        layer(query, values=other.prepare_values(feats), visibility=vis)
+    with pytest.raises(ValueError, match="image batch 1"):
+        layer(query, values=layer.prepare_values(feats[:1]), visibility=vis)
+    with pytest.raises(ValueError, match="exactly one"):
+        layer.prepare_values(feats, values=layer.project_values(feats))
+    with pytest.raises(ValueError, match="max_images=6"):
+        layer.prepare_values(feats.repeat(1, 2, 1, 1))
