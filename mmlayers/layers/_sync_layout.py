@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-__all__ = ["PreparedValues", "tall_layout"]
+__all__ = ["PreparedValues", "segment_softmax", "tall_layout"]
 
 
 def _blocks(level_sizes: Sequence[int], m: int):
@@ -138,3 +138,18 @@ class PreparedValues:
         """Rows ``index`` of the batch (e.g. every row repeated for beams): (b',) long."""
         return PreparedValues(self.tall.index_select(0, index.to(self.tall.device)),
                               self.images, self.level_sizes)
+
+
+def segment_softmax(logit: torch.Tensor, segment: torch.Tensor, n_segments: int
+                    ) -> torch.Tensor:
+    """Softmax over all entries of each segment plus one null entry of logit 0.
+
+    logit (P, h, k), segment (P,) ids in [0, n_segments) → (P, h, k): for each (segment,
+    head), ``exp(logit) / (1 + Σ_{rows of the segment} Σ_k exp(logit))``, computed stably.
+    """
+    peak = logit.detach().amax(-1)  # (P, h)
+    shift = peak.new_zeros(n_segments, peak.shape[1]).scatter_reduce_(
+        0, segment[:, None].expand_as(peak), peak, "amax")  # ≥ 0: includes the null entry
+    e = (logit - shift.index_select(0, segment)[..., None]).exp()
+    denom = (-shift).exp().index_add(0, segment, e.sum(-1))
+    return e / denom.index_select(0, segment)[..., None]

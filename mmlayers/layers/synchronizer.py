@@ -21,9 +21,11 @@ ignore slots add exactly 1 to the softmax denominator (one slot of logit 0) and 
 the numerator, and exp(logit − 10000) underflows to 0 in every float format, so the formula
 above is the same function. It is computed faster than the official code:
 
-- the projections are affine, so ``W_q q`` and ``W_o W_q q``/``W_a W_q q`` are computed once
-  per token and the per-image terms ``W_o E[r]`` and ``W_a E[r]`` come from a
-  (max_images, ·) table, instead of repeating the query m times before a dq×dq Linear;
+- the projections are affine, so ``W_o W_q q`` and ``W_a W_q q`` are computed once per token
+  and the per-image terms ``W_o E[r]`` and ``W_a E[r]`` come from a (max_images, ·) table,
+  instead of repeating the query m times before a dq×dq Linear; when there are more query
+  tokens than offset and logit rows (h·p·2 + h·l·p), the weight products ``W_o W_q`` and
+  ``W_a W_q`` are formed first, which costs fewer FLOPs than ``W_q q``;
 - invisible images are never sampled: every visible (query, image) pair is one "query" of a
   single deformable-attention call with p points per level, reading its image in per-level
   "tall" maps where the images of a row are stacked vertically with one zero row between
@@ -43,7 +45,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from mmlayers.layers._sync_layout import PreparedValues, tall_layout
+from mmlayers.layers._sync_layout import PreparedValues, segment_softmax, tall_layout
 from mmlayers.ops.deform_attn import multi_scale_deformable_attention
 
 __all__ = ["FeatureSynchronizer", "PreparedValues", "relative_image_positions"]
@@ -251,8 +253,16 @@ class FeatureSynchronizer(nn.Module):
         q, prep, vis, ref = self._validate(query, features, visibility, values, reference_points)
         b, n, _ = q.shape
         cdt = torch.float64 if torch.float64 in (q.dtype, prep.tall.dtype) else torch.float32
-        qp = self.query_proj(q)
-        off, logit = self.sampling_offsets(qp), self.attention_weights(qp)
+        lin_o, lin_a = self.sampling_offsets, self.attention_weights
+        if b * n > lin_o.out_features + lin_a.out_features:
+            # fewer FLOPs through the products of the weights (h·p·2 + h·l·p rows · dq²)
+            # than through W_q q (b·n · dq²): the same affine map, re-associated
+            w_q, b_q = self.query_proj.weight, self.query_proj.bias
+            off = F.linear(q, lin_o.weight @ w_q, lin_o(b_q))
+            logit = F.linear(q, lin_a.weight @ w_q, lin_a(b_q))
+        else:
+            qp = self.query_proj(q)
+            off, logit = lin_o(qp), lin_a(qp)
         table = self.query_relpos.weight[:prep.images + 1]
         tabs = (F.linear(table, self.sampling_offsets.weight),
                 F.linear(table, self.attention_weights.weight))
@@ -265,7 +275,7 @@ class FeatureSynchronizer(nn.Module):
                                         logit[:, i:i + chunk],
                                         None if ref is None else ref[:, i:i + chunk], *tabs, cdt)
                              for i in range(0, n, chunk)], dim=1)
-        return self.output_proj(out.to(qp.dtype))
+        return self.output_proj(out.to(off.dtype))
 
     def _validate(self, query, features, visibility, values, reference_points):
         if not isinstance(query, torch.Tensor):
@@ -325,7 +335,7 @@ class FeatureSynchronizer(nn.Module):
         qi = bi * n + ti
         r = relative_image_positions(vis)[bi, ti, ki]
         lg = logit.reshape(b * n, -1).index_select(0, qi) + logit_tab.index_select(0, r)
-        weight = _segment_softmax(lg.to(cdt).view(-1, h, n_lv * p), qi, b * n)
+        weight = segment_softmax(lg.to(cdt).view(-1, h, n_lv * p), qi, b * n)
         o = off.reshape(b * n, -1).index_select(0, qi) + off_tab.index_select(0, r)
         # normalised (x, y) in the image, the same at every level: (size / base) / size = 1 / base
         xy = o.to(cdt).view(-1, h, 1, p, 2) / self.base_size
@@ -392,18 +402,3 @@ class FeatureSynchronizer(nn.Module):
                 raise ValueError(f"official {k} has shape {tuple(t.shape)}; this layer "
                                  f"expects {tuple(own[k].shape)}")
         self.load_state_dict(sd)
-
-
-def _segment_softmax(logit: torch.Tensor, segment: torch.Tensor, n_segments: int
-                     ) -> torch.Tensor:
-    """Softmax over all entries of each segment plus one null entry of logit 0.
-
-    logit (P, h, k), segment (P,) ids in [0, n_segments) → (P, h, k): for each (segment,
-    head), ``exp(logit) / (1 + Σ_{rows of the segment} Σ_k exp(logit))``, computed stably.
-    """
-    peak = logit.detach().amax(-1)  # (P, h)
-    shift = peak.new_zeros(n_segments, peak.shape[1]).scatter_reduce_(
-        0, segment[:, None].expand_as(peak), peak, "amax")  # ≥ 0: includes the null entry
-    e = (logit - shift.index_select(0, segment)[..., None]).exp()
-    denom = (-shift).exp().index_add(0, segment, e.sum(-1))
-    return e / denom.index_select(0, segment)[..., None]

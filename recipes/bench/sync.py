@@ -1,6 +1,7 @@
 """FeatureSynchronizer vs the official MMFS formulation vs dense gated cross-attention.
 
-``python recipes/benchmark.py sync [--quick] [--images 1 4 16 30] [--repeats 3]``
+``python recipes/benchmark.py sync [--quick] [--images 1 4 16 30] [--repeats 3] [--threads 1]
+[--precomputed]``
 
 Forward + backward (query, image features and all weights need gradients) of one layer on
 one sequence whose visibility is that of an interleaved document: the images are spread
@@ -14,13 +15,21 @@ evenly over the n tokens and each token sees the images that start at or before 
 - ``dense``: Flamingo-style cross-attention from every token to every token of every
   visible image (all pyramid levels), width ``dim``, through ``scaled_dot_product_attention``
   with a boolean mask, tanh-gated output.
+
+Each time is the median of ``--repeats`` runs after one warm-up, as process CPU time (all
+threads; robust on a shared machine) and as wall time; the ratios are against ``mmlayers``
+measured in the same run. With ``--precomputed`` the image side is computed outside the
+timed region: ``prepare_values`` (projection + sampling layout) for ``mmlayers``,
+``value_proj`` for ``official``, K/V for ``dense``.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -32,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mmlayers.layers.synchronizer import FeatureSynchronizer  # noqa: E402
 from mmlayers.ops import multi_scale_deformable_attention  # noqa: E402
 
-from bench._common import format_table, measure, peak_memory  # noqa: E402
+from bench._common import format_table, peak_memory  # noqa: E402
 
 __all__ = ["main"]
 
@@ -104,18 +113,32 @@ def document_visibility(b: int, n: int, m: int) -> torch.Tensor:
     return (torch.arange(n)[:, None] >= starts[None, :]).expand(b, n, m).contiguous()
 
 
+def cpu_and_wall(fn, repeats: int) -> tuple[float, float]:
+    """Median process CPU seconds and median wall seconds of ``fn`` after one warm-up."""
+    fn()
+    cpu, wall = [], []
+    for _ in range(repeats):
+        c0, w0 = time.process_time(), time.perf_counter()
+        fn()
+        cpu.append(time.process_time() - c0)
+        wall.append(time.perf_counter() - w0)
+    return statistics.median(cpu), statistics.median(wall)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py sync", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     parser.add_argument("--images", type=int, nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--precomputed", action="store_true",
                         help="project image features outside the timed region (value_proj "
                              "for the synchronizers, K/V for dense), as when one prompt's "
                              "images are reused; features then need no gradient")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     if args.quick:
         cfg = dict(dim=128, query_dim=256, value_dim=128, heads=4, points=4,
                    level_sizes=(8, 4, 2), base_size=4)
@@ -142,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
             pre = None
             if args.precomputed:
                 with torch.no_grad():
-                    proj = layer.to_kv if name == "dense" else layer.value_proj
-                    pre = proj(feats)
+                    if name == "mmlayers":
+                        pre = layer.prepare_values(feats)
+                    else:
+                        pre = (layer.to_kv if name == "dense" else layer.value_proj)(feats)
 
             def step(layer=layer, pre=pre, query=query, feats=feats, vis=vis):
                 layer.zero_grad(set_to_none=True)
@@ -152,16 +177,17 @@ def main(argv: list[str] | None = None) -> None:
                     layer(query, feats, vis).sum().backward()
                 else:
                     layer(query, None, vis, values=pre).sum().backward()
-            t = measure(step, repeats=args.repeats, warmup=1)
+            cpu, wall = cpu_and_wall(step, args.repeats)
             mem = float("nan") if args.no_memory else peak_memory(step) / 2**20
-            res[name] = (t, mem)
-        t0, m0 = res["mmlayers"]
-        rows.append([m, f"{t0 * 1e3:.0f}", f"{res['official'][0] * 1e3:.0f}",
-                     f"{res['dense'][0] * 1e3:.0f}",
-                     f"{res['official'][0] / t0:.1f}x", f"{res['dense'][0] / t0:.1f}x",
-                     f"{m0:.0f}", f"{res['official'][1]:.0f}", f"{res['dense'][1]:.0f}"])
-    header = ["m", "mmlayers ms", "official ms", "dense ms", "official/ours",
-              "dense/ours", "mmlayers MiB", "official MiB", "dense MiB"]
+            res[name] = (cpu, wall, mem)
+        c0, w0, m0 = res["mmlayers"]
+        (c1, w1, m1), (c2, w2, m2) = res["official"], res["dense"]
+        rows.append([m, f"{c0 * 1e3:.0f}", f"{c1 * 1e3:.0f}", f"{c2 * 1e3:.0f}",
+                     f"{c1 / c0:.1f}x", f"{c2 / c0:.1f}x", f"{w1 / w0:.1f}x", f"{w2 / w0:.1f}x",
+                     f"{m0:.0f}", f"{m1:.0f}", f"{m2:.0f}"])
+    header = ["m", "mmlayers CPU ms", "official CPU ms", "dense CPU ms", "official/ours CPU",
+              "dense/ours CPU", "official/ours wall", "dense/ours wall", "mmlayers MiB",
+              "official MiB", "dense MiB"]
     mode = "values precomputed" if args.precomputed else "features projected inside"
     sys.stdout.write(f"n={n}, {cfg}, forward+backward, {mode}, torch {torch.__version__}, "
                      f"{torch.get_num_threads()} threads\n")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from mmlayers.layers._sync_layout import tall_layout
+from mmlayers.layers._sync_layout import segment_softmax, tall_layout
 from mmlayers.layers.synchronizer import (
     FeatureSynchronizer,
     PreparedValues,
@@ -186,16 +186,53 @@ def test_init_matches_official():
     assert 0.01 < layer.query_relpos.weight.std() < 0.03
 
 
-@pytest.mark.parametrize("chunk", [128, 1])
-def test_gradcheck_fp64(chunk):
+@pytest.mark.parametrize("chunk,n", [(128, 3), (1, 3), (None, 9)])
+def test_gradcheck_fp64(chunk, n):
+    # n=9 > h·p·2 + h·l·p = 8 offset and logit rows: the re-associated projection order
     cfg = dict(dim=4, query_dim=3, value_dim=2, out_dim=3, heads=2, points=1,
                level_sizes=(2, 1), base_size=2, max_images=4, query_chunk=chunk)
     layer = FeatureSynchronizer(**cfg, dtype=torch.float64)
+    with torch.no_grad():
+        layer.query_proj.bias.normal_()
+        layer.sampling_offsets.weight.normal_(std=0.3)
     g = torch.Generator().manual_seed(0)
-    query = torch.randn(1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    query = torch.randn(1, n, 3, generator=g, dtype=torch.float64, requires_grad=True)
     feats = torch.randn(1, 2, 5, 2, generator=g, dtype=torch.float64, requires_grad=True)
-    vis = torch.tensor([[[True, False], [True, True], [False, True]]])
-    assert torch.autograd.gradcheck(lambda q, f: layer(q, f, vis), (query, feats))
+    vis = torch.tensor([[True, False], [True, True], [False, True]]).repeat(n // 3, 1)[None]
+    names = ("query_proj.weight", "query_proj.bias", "sampling_offsets.weight",
+             "attention_weights.weight")
+
+    def fn(q, f, *ps):
+        return torch.func.functional_call(layer, dict(zip(names, ps, strict=True)), (q, f, vis))
+
+    params = dict(layer.named_parameters())
+    inputs = (query, feats, *(params[k].detach().clone().requires_grad_() for k in names))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_many_queries_reassociated_projection_matches_official():
+    layer, sd = make()
+    query, feats, vis = inputs(n=20, seed=5)  # b·n = 40 > 24 offset and logit rows
+    ref = torch.rand(2, 20, 2, dtype=torch.float64)
+    want = official_forward(sd, query, feats, vis, ref)
+    torch.testing.assert_close(layer(query, feats, vis, reference_points=ref), want,
+                               rtol=1e-10, atol=1e-10)
+    half = torch.cat([layer(query[:, i:i + 5], feats, vis[:, i:i + 5],  # b·n = 10: W_q q first
+                            reference_points=ref[:, i:i + 5]) for i in range(0, 20, 5)], 1)
+    torch.testing.assert_close(half, want, rtol=1e-10, atol=1e-10)
+
+
+def test_segment_softmax_is_softmax_with_a_null_entry():
+    g = torch.Generator().manual_seed(0)
+    logit = torch.randn(7, 2, 3, generator=g, dtype=torch.float64) * 30
+    seg = torch.tensor([0, 0, 2, 2, 2, 3, 3])
+    got = segment_softmax(logit, seg, 5)
+    for s in range(5):
+        rows = logit[seg == s]  # (r, h, k)
+        flat = torch.cat((rows.transpose(0, 1).reshape(2, -1), torch.zeros(2, 1,
+                          dtype=logit.dtype)), -1).softmax(-1)[:, :-1]
+        torch.testing.assert_close(got[seg == s].transpose(0, 1).reshape(2, -1), flat,
+                                   rtol=1e-14, atol=1e-300)
 
 
 def test_bf16_close_to_fp32():
