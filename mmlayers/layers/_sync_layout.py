@@ -146,6 +146,12 @@ def segment_softmax(logit: torch.Tensor, segment: torch.Tensor, n_segments: int
 
     logit (P, h, k), segment (P,) ids in [0, n_segments) → (P, h, k): for each (segment,
     head), ``exp(logit) / (1 + Σ_{rows of the segment} Σ_k exp(logit))``, computed stably.
+
+    Example:
+        >>> import torch
+        >>> w = segment_softmax(torch.zeros(3, 1, 2), torch.tensor([0, 0, 1]), 2)
+        >>> [round(x, 4) for x in w[:, 0, 0].tolist()]   # 4 entries + null; 2 + null
+        [0.2, 0.2, 0.3333]
     """
     peak = logit.detach().amax(-1)  # (P, h)
     shift = peak.new_zeros(n_segments, peak.shape[1]).scatter_reduce_(
