@@ -49,10 +49,12 @@ class _Levels:
         n_levels = len(shapes)
         # int32 rows when they fit: half the index traffic, and every kernel used takes them.
         self.index_dtype = torch.int32 if b * h * s < 2**31 else torch.long
-        self.size_xy = torch.tensor([(w, hh) for hh, w in shapes], dtype=dtype,
-                                    device=device).view(n_levels, 1, 2)
-        self.low = torch.full_like(self.size_xy, -2.0)
-        self.high = self.size_xy + 1
+        self.size_x = torch.tensor([w for _, w in shapes], dtype=dtype,
+                                   device=device).view(n_levels, 1)
+        self.size_y = torch.tensor([hh for hh, _ in shapes], dtype=dtype,
+                                   device=device).view(n_levels, 1)
+        self.low = torch.full_like(self.size_x, -2.0)
+        self.high_x, self.high_y = self.size_x + 1, self.size_y + 1
         self.width = torch.tensor([w for _, w in shapes], dtype=self.index_dtype,
                                   device=device).view(n_levels, 1)
         # Row offset of the four corners (x0 y0, x1 y0, x0 y1, x1 y1) from the level start.
@@ -68,35 +70,39 @@ class _Geometry:
     """Corner rows and bilinear factors of the samples of one chunk of queries.
 
     loc (b, q, h, l, p, 2) → ``idx`` (b·q·h, l·p, 4) table rows, corners ordered
-    (x0 y0, x1 y0, x0 y1, x1 y1); ``wx``/``wy`` (b·q·h, l·p, 2) weights of the left/right
-    and top/bottom corners (zero outside the map); ``vx``/``vy`` their validity, which is
-    also |d w / d x|.
+    (x0 y0, x1 y0, x0 y1, x1 y1). Per axis, flat (b·q·h, l·p) tensors: ``w0x``/``w1x``
+    the weights of the left/right corner (zero outside the map) and ``v0x``/``v1x`` their
+    validity, which is also |d w / d x|; the same for y. Everything is kept flat on
+    purpose: broadcasts over tiny innermost dimensions are very slow on the CPU.
     """
 
     def __init__(self, loc, lv: _Levels, dtype):
         n_bags = loc.shape[0] * loc.shape[1] * loc.shape[2]
-        # Pixel coordinates (align_corners=False). Far-away points are clamped so integer
-        # casts stay finite; all four corners of a clamped point are outside the map.
-        xy = torch.clamp(loc.to(dtype) * lv.size_xy - 0.5, lv.low, lv.high)
-        xy0 = xy.floor()
-        frac = xy - xy0
-        # validity of the two corners along each axis: 0 <= x0 <= size-1, -1 <= x0 <= size-2
-        v0 = ((xy0 >= 0) & (xy0 < lv.size_xy)).to(dtype)
-        v1 = ((xy0 >= -1) & (xy0 < lv.size_xy - 1)).to(dtype)
-        i0 = xy0.to(lv.index_dtype)
-        row = i0[..., 1] * lv.width + i0[..., 0] + lv.base  # (b, q, h, l, p)
-        idx = row[..., None] + lv.corner_rows  # (b, q, h, l, p, 4)
+        rows, parts = None, []
+        for axis, size, low, high in ((0, lv.size_x, lv.low, lv.high_x),
+                                      (1, lv.size_y, lv.low, lv.high_y)):
+            # Pixel coordinates (align_corners=False). Far-away points are clamped so that
+            # integer casts stay finite; all four corners of a clamped point are outside.
+            c = torch.clamp(loc[..., axis].to(dtype) * size - 0.5, low, high)
+            c0 = c.floor()
+            frac = (c - c0).view(n_bags, -1)
+            # validity along the axis: 0 <= c0 <= size - 1 and -1 <= c0 <= size - 2
+            v0 = ((c0 >= 0) & (c0 < size)).to(dtype).view(n_bags, -1)
+            v1 = ((c0 >= -1) & (c0 < size - 1)).to(dtype).view(n_bags, -1)
+            w0, w1 = (1 - frac).mul_(v0), frac.mul_(v1)
+            parts.append((w0, w1, v0, v1))
+            i0 = c0.to(lv.index_dtype)
+            rows = i0 + lv.base if axis == 0 else rows + i0 * lv.width
+        (self.w0x, self.w1x, self.v0x, self.v1x), (self.w0y, self.w1y, self.v0y, self.v1y) = parts
+        idx = rows[..., None] + lv.corner_rows  # (b, q, h, l, p, 4)
         self.idx = idx.clamp_(0, lv.n_rows - 1).view(n_bags, -1, 4)
-        v = torch.stack((v0, v1), -1).view(n_bags, -1, 2, 2)  # (…, xy, corner)
-        f = frac.view(n_bags, -1, 2, 1)
-        w = torch.cat((1 - f, f), -1).mul_(v)
-        self.wx, self.wy = w[:, :, 0], w[:, :, 1]
-        self.vx, self.vy = v[:, :, 0], v[:, :, 1]
 
     def corner_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
-        """Bilinear weight of each corner, times ``scale`` (…, 1) if given → (b·q·h, l·p, 4)."""
-        wy = self.wy if scale is None else self.wy * scale
-        return (wy[..., :, None] * self.wx[..., None, :]).flatten(-2)
+        """Bilinear weight of each corner, times ``scale`` (b·q·h, l·p) → (b·q·h, l·p, 4)."""
+        w0y, w1y = (self.w0y, self.w1y) if scale is None else (self.w0y * scale,
+                                                               self.w1y * scale)
+        return torch.stack((w0y * self.w0x, w0y * self.w1x, w1y * self.w0x, w1y * self.w1x),
+                           dim=-1)
 
 
 def _query_chunk(b, h, n_levels, p, dh, dtype, chunk_bytes):
@@ -120,7 +126,7 @@ class _GatherDeformAttn(torch.autograd.Function):
         outs = []
         for q0 in range(0, n, q_chunk):
             geo = _Geometry(loc[:, q0:q0 + q_chunk], levels, dtype)
-            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(geo.idx.shape[:2] + (1,))
+            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(geo.idx.shape[:2])
             weight = geo.corner_weights(a)
             out = F.embedding_bag(geo.idx.flatten(1), table, per_sample_weights=weight.flatten(1),
                                   mode="sum")
@@ -139,7 +145,6 @@ class _GatherDeformAttn(torch.autograd.Function):
         need_v, need_loc, need_attn = ctx.needs_input_grad[:3]
         table = value.permute(0, 2, 1, 3).reshape(b * h * s, dh).to(dtype)
         levels = _Levels(value, ctx.shapes, ctx.starts, dtype)
-        size_xy = levels.size_xy
         g_all = grad_out.to(dtype).reshape(b, n, h, dh)
         grad_table = None
         grad_loc, grad_attn = [], []
@@ -150,7 +155,7 @@ class _GatherDeformAttn(torch.autograd.Function):
             geo = _Geometry(loc_c, levels, dtype)
             n_bags, lp = geo.idx.shape[:2]
             g = g_all[:, q0:q0 + q_chunk].reshape(n_bags, dh)
-            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(n_bags, lp, 1)
+            a = attn[:, q0:q0 + q_chunk].to(dtype).reshape(n_bags, lp)
             if need_v:
                 # Transposed bag: sort corner entries by row, sum weighted query grads.
                 weight = geo.corner_weights(a).flatten()
@@ -162,17 +167,21 @@ class _GatherDeformAttn(torch.autograd.Function):
                 grad_table = part if grad_table is None else grad_table.add_(part)
             if need_loc or need_attn:
                 # d[y, x] = <V[row of corner (x, y)], g>: the gradient of each corner weight.
-                d = _corner_dots(table, geo.idx, g, pattern_values=weight if need_v else None
-                                 ).view(n_bags, lp, 2, 2)
-                along_x = (d * geo.wx[:, :, None, :]).sum(-1)  # (bags, lp, y)
-                grad_attn.append((along_x * geo.wy).sum(-1)
+                d = _corner_dots(table, geo.idx, g, pattern_values=weight if need_v else None)
+                d00, d01, d10, d11 = d.unbind(-1)  # corners (x0 y0, x1 y0, x0 y1, x1 y1)
+                row0 = d00 * geo.w0x + d01 * geo.w1x  # interpolated along x, top row
+                row1 = d10 * geo.w0x + d11 * geo.w1x
+                grad_attn.append((row0 * geo.w0y + row1 * geo.w1y)
                                  .reshape(attn[:, q0:q0 + q_chunk].shape))
                 if need_loc:
-                    sign = torch.tensor([-1.0, 1.0], dtype=dtype, device=value.device)
-                    dx = ((d * (geo.vx * sign)[:, :, None, :]).sum(-1) * geo.wy).sum(-1)
-                    dy = (along_x * geo.vy * sign).sum(-1)
-                    scale = size_xy.view(1, n_levels, 1, 2).expand(1, n_levels, p, 2)
-                    d_xy = torch.stack((dx, dy), -1) * a * scale.reshape(1, lp, 2)
+                    # d w1x / dx = +v1x, d w0x / dx = -v0x (per unit pixel), same for y;
+                    # pixel = loc · size - 0.5, so d / d loc = size · d / d pixel.
+                    dx = (geo.w0y * (d01 * geo.v1x - d00 * geo.v0x)
+                          + geo.w1y * (d11 * geo.v1x - d10 * geo.v0x))
+                    dy = row1 * geo.v1y - row0 * geo.v0y
+                    sx = levels.size_x.expand(n_levels, p).reshape(1, lp)
+                    sy = levels.size_y.expand(n_levels, p).reshape(1, lp)
+                    d_xy = torch.stack((dx * sx, dy * sy), -1).mul_(a[..., None])
                     grad_loc.append(d_xy.reshape(loc_c.shape))
         grad_value = None
         if need_v:
