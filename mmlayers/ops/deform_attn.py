@@ -262,6 +262,10 @@ def explain_backends(
     return _reasons(inputs)
 
 
+def _auto_order() -> list[str]:
+    return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
+
+
 def _reasons(inputs: DeformAttnInputs) -> dict[str, list[str]]:
     _ensure_builtin_backends()
     out = {}
@@ -338,15 +342,19 @@ def multi_scale_deformable_attention(
                        attention_weights)
     _ensure_builtin_backends()
     if backend is None or backend == "auto":
-        reasons = _reasons(inputs)
         device = inputs.value.device.type
+        for name in _auto_order():
+            chosen = _REGISTRY[name]
+            if chosen.auto_devices is not None and device not in chosen.auto_devices:
+                continue
+            if chosen.is_available() is None and not chosen.not_supported_reasons(inputs):
+                return chosen.run(inputs)
+        reasons = _reasons(inputs)
         for name, why in reasons.items():
             devices = _REGISTRY[name].auto_devices
             if not why and devices is not None and device not in devices:
                 reasons[name] = [f"not chosen automatically on {device} (only on "
                                  f"{', '.join(devices)}); pass backend={name!r} to force it"]
-            elif not why:
-                return _REGISTRY[name].run(inputs)
         raise ValueError("no deformable-attention backend can run these inputs:\n"
                          + _format_reasons(reasons))
     if backend not in _REGISTRY:
