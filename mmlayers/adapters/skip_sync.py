@@ -59,7 +59,7 @@ class SkipSynchronizer(nn.Module):
                  grid_size: tuple[int, int], dim: int = 1024, heads: int = 16, points: int = 8,
                  level_sizes: Sequence[int] = (64, 32, 16, 8), offset_init: float = 1.0,
                  max_images: int = 10, eps: float = 1e-6, backend: str | None = None,
-                 query_chunk: int = 1024, device=None, dtype=None) -> None:
+                 query_chunk: int | None = None, device=None, dtype=None) -> None:
         super().__init__()
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 4 \
                 or channels % 4:

@@ -118,7 +118,7 @@ class UNetSynchronizer(nn.Module):
                  sample_size: int | Sequence[int], dim: int = 1024, heads: int = 16,
                  points: int = 8, level_sizes: Sequence[int] = (64, 32, 16, 8),
                  offset_init: float = 1.0, max_images: int = 10, no_image: str = "official",
-                 backend: str | None = None, query_chunk: int = 1024,
+                 backend: str | None = None, query_chunk: int | None = None,
                  device=None, dtype=None) -> None:
         super().__init__()
         if no_image not in ("official", "zero"):
