@@ -1,5 +1,6 @@
 """Standalone layers (one idea per module), re-exported flat: ``from mmlayers.layers import X``."""
 
+
 from mmlayers.layers.deformable_attention import MultiScaleDeformableAttention
 from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
 from mmlayers.layers.posembed import sincos_1d, sincos_2d
@@ -10,7 +11,11 @@ from mmlayers.layers.pyramid import (
     split_depth,
 )
 from mmlayers.layers.resampler import PerceiverResampler
-from mmlayers.layers.synchronizer import FeatureSynchronizer, relative_image_positions
+from mmlayers.layers.synchronizer import (
+    FeatureSynchronizer,
+    PreparedValues,
+    relative_image_positions,
+)
 from mmlayers.layers.visibility import image_starts, image_visibility, previous_image_visibility
 
 __all__ = [
@@ -18,6 +23,7 @@ __all__ = [
     "FeatureSynchronizer",
     "MultiScaleDeformableAttention",
     "PerceiverResampler",
+    "PreparedValues",
     "SimpleFeaturePyramid",
     "ViTAdapterPyramid",
     "ViTBackbone",
