@@ -46,6 +46,9 @@ def run(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eval-docs", type=int, default=None,
                         help="held-out documents per evaluation (default 100, quick 4)")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--time-budget", type=float, default=15.0,
+                        help="minutes for the whole demo; training stops early (and says so) "
+                             "to leave time for the evaluation")
     parser.add_argument("overrides", nargs="*", help="dotted key=value config overrides")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -59,6 +62,8 @@ def run(argv: list[str] | None = None) -> dict:
         overrides += ["train.eval_every=0", "train.save_every=1000000"]
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
+    if args.time_budget and not args.quick:   # keep ~2 minutes for building and evaluating
+        overrides.append(f"train.time_limit={max(60.0, args.time_budget * 60 - 120)}")
     cfg = train_recipe.load_config(args.config, overrides + list(args.overrides))
     result = train_recipe.train(cfg)
     model = result["model"].eval()

@@ -16,7 +16,8 @@ from torch import nn
 
 from mmlayers.models.config import DecoderConfig, LLMConfig, MMInterleavedConfig, VisionConfig
 
-__all__ = ["build_decoder", "build_llm", "build_scheduler", "build_visual"]
+__all__ = ["build_decoder", "build_llm", "build_scheduler", "build_visual",
+           "zero_cross_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +118,8 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
             vae = AutoencoderKL.from_pretrained(cfg.path, subfolder="vae", local_files_only=True)
     else:
         unet = UNet2DConditionModel(**cfg.unet)
+        if cfg.zero_init_cross_attention:
+            zero_cross_attention(unet)
         if cfg.vae is not None:
             vae = AutoencoderKL(**cfg.vae)
     if vae is not None:
@@ -139,6 +142,21 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
     return {"unet": unet, "vae": vae, "scheduler": build_scheduler(cfg),
             "inference_scheduler": build_scheduler(cfg, inference=True),
             "context_encoder": encoder, "unet_sync": sync}
+
+
+@torch.no_grad()
+def zero_cross_attention(unet: nn.Module) -> int:
+    """Zero the output projection of every cross-attention (``attn2``) of a diffusers UNet;
+    returns how many were zeroed."""
+    count = 0
+    for name, module in unet.named_modules():
+        out = getattr(module, "to_out", None)
+        if name.endswith("attn2") and out is not None:
+            nn.init.zeros_(out[0].weight)
+            if out[0].bias is not None:
+                nn.init.zeros_(out[0].bias)
+            count += 1
+    return count
 
 
 def level_sides(visual: nn.Module, levels: list[int]) -> list[int]:

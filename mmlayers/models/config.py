@@ -107,9 +107,15 @@ class DecoderConfig:
         inference_scheduler: class name of the sampling scheduler (same config).
         num_inference_steps, guidance_scale: sampling defaults (30, 7.5 in the paper).
         freeze_unet: keep the UNet frozen.
+        zero_init_cross_attention: for a random-init UNet, start every cross-attention
+            output projection at zero, so the UNet ignores the context until it learns to use
+            it (a context it cannot use yet would otherwise be pushed to a constant).
         image_size: side of the images the UNet / VAE see (pixels).
         context_queries, context_hidden, context_depth, context_heads, uncond_prob,
             max_context: :class:`~mmlayers.adapters.context.ImageContextEncoder`.
+        detach_context: stop the diffusion loss's gradient at the LLM hidden states (the
+            context encoder still trains). With an LLM trained from scratch, a context the
+            UNet cannot use yet is otherwise pushed towards a constant (it collapses).
         init_negative_from_text_encoder: with ``path``, set the negative embedding to the
             text encoder's embedding of ``""``.
         sync_dim, sync_heads, sync_points, sync_offset_init, sync_max_images, sync_no_image:
@@ -124,6 +130,7 @@ class DecoderConfig:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     freeze_unet: bool = False
+    zero_init_cross_attention: bool = False
     image_size: int = 512
     context_queries: int = 77
     context_hidden: int = 1024
@@ -131,6 +138,7 @@ class DecoderConfig:
     context_heads: int = 16
     uncond_prob: float = 0.1
     max_context: int | None = None
+    detach_context: bool = False
     init_negative_from_text_encoder: bool = True
     sync_dim: int = 1024
     sync_heads: int = 16
@@ -256,7 +264,8 @@ class MMInterleavedConfig:
                        "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
                        "clip_sample": True},
             inference_scheduler="DDIMScheduler", num_inference_steps=10, guidance_scale=2.0,
-            freeze_unet=False, image_size=image_size, context_queries=16, context_hidden=64,
+            freeze_unet=False, zero_init_cross_attention=True, image_size=image_size,
+            context_queries=16, context_hidden=64,
             context_depth=1, context_heads=4, uncond_prob=0.1,
             init_negative_from_text_encoder=False, sync_dim=32, sync_heads=2, sync_points=2,
             sync_max_images=4)

@@ -192,16 +192,21 @@ class MMInterleaved(GenerationMixin, nn.Module):
         return self
 
     def parameter_groups(self, *, lr: float = 1e-4, unet_lr: float = 1e-5,
-                         offset_lr: float = 1e-5, weight_decay: float = 0.05) -> list[dict]:
-        """AdamW groups: ``unet.*`` at ``unet_lr``, every ``sampling_offsets`` at
-        ``offset_lr``, the rest at ``lr``; no weight decay on biases, norms, gates and other
-        1-D parameters. Each group has a ``"names"`` entry for inspection."""
+                         offset_lr: float = 1e-5, weight_decay: float = 0.05,
+                         prefix_lrs: dict[str, float] | None = None) -> list[dict]:
+        """AdamW groups: every ``sampling_offsets`` at ``offset_lr``, parameters whose name
+        starts with a key of ``prefix_lrs`` at its value (e.g. ``{"context_encoder.": 1e-4}``),
+        ``unet.*`` at ``unet_lr``, the rest at ``lr``; no weight decay on biases, norms, gates
+        and other 1-D parameters. Each group has a ``"names"`` entry for inspection."""
         groups: dict[tuple[float, float], dict] = {}
+        prefix_lrs = dict(prefix_lrs or {})
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            rate = offset_lr if "sampling_offsets" in name else (
-                unet_lr if name.startswith("unet.") else lr)
+            rate = next((v for k, v in prefix_lrs.items() if name.startswith(k)),
+                        unet_lr if name.startswith("unet.") else lr)
+            if "sampling_offsets" in name:
+                rate = offset_lr
             decay = 0.0 if p.dim() <= 1 or name.endswith("gate") else weight_decay
             g = groups.setdefault((rate, decay), {"params": [], "names": [], "lr": rate,
                                                   "weight_decay": decay})
@@ -282,8 +287,10 @@ class MMInterleaved(GenerationMixin, nn.Module):
             if sel.numel():
                 prev = batch.image_previous.to(sel.device)[sel]
                 pyramid = vis.unet_features[0][prev.clamp(min=0)]
-                ehs = self.context_encoder(ctx.hidden_states[sel], ctx.padding_mask[sel],
-                                           generator=generator)
+                spans = ctx.hidden_states[sel]
+                if cfg.decoder.detach_context:
+                    spans = spans.detach()
+                ehs = self.context_encoder(spans, ctx.padding_mask[sel], generator=generator)
                 target = self.decoder_images(batch.images[sel].to(ehs.device, ehs.dtype))
                 per = diffusion_loss(self.unet, self.scheduler, encoder_hidden_states=ehs,
                                      images=target, vae=self.vae, synchronizer=self.unet_sync,

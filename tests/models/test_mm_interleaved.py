@@ -60,6 +60,10 @@ def model(tok):
     with torch.no_grad():  # make the UNet synchronizers matter (they start at zero)
         for blk in [*m.unet_sync.down, m.unet_sync.mid]:
             blk.conv.weight.copy_(torch.randn(blk.conv.weight.shape, generator=g) * 0.3)
+        for name, mod in m.unet.named_modules():   # and the context (zero-init cross-attn)
+            if name.endswith("attn2"):
+                w = mod.to_out[0].weight
+                w.copy_(torch.randn(w.shape, generator=g) * 0.1)
     return m
 
 
@@ -194,6 +198,28 @@ def test_parameter_groups(model):
     gates = [n for n in by_name if n.endswith("gate")]
     assert gates and all(by_name[n] == (1.0, 0.0) for n in gates)
     assert len(by_name) == sum(p.requires_grad for p in model.parameters())
+    ctx = model.parameter_groups(lr=1.0, unet_lr=0.5, offset_lr=0.25,
+                                 prefix_lrs={"context_encoder.": 0.125})
+    by_name = {n: g["lr"] for g in ctx for n in g["names"]}
+    assert by_name["context_encoder.proj.weight"] == 0.125 and by_name["unet.conv_in.weight"] == 0.5
+
+
+def test_detach_context_stops_the_image_loss_at_the_llm(model, batch):
+    """decoder.detach_context: the diffusion loss trains the context encoder and the UNet but
+    sends nothing into the LLM (its text loss still does)."""
+    model.config.decoder.detach_context = True
+    try:
+        model.zero_grad(set_to_none=True)
+        model(batch, generator=torch.Generator().manual_seed(0)).image_loss.backward()
+        assert all(p.grad is None for p in model.llm.parameters())
+        assert model.context_encoder.proj.weight.grad.abs().sum() > 0
+        model.zero_grad(set_to_none=True)
+        model.config.decoder.detach_context = False
+        model(batch, generator=torch.Generator().manual_seed(0)).image_loss.backward()
+        assert model.llm.get_input_embeddings().weight.grad.abs().sum() > 0
+    finally:
+        model.config.decoder.detach_context = False
+        model.zero_grad(set_to_none=True)
 
 
 def test_save_load_gives_identical_loss(model, batch, tmp_path):
@@ -288,3 +314,21 @@ def test_generation_helpers(model, tok):
     assert (out[1] - out[2]).abs().max() > 1e-3          # the source image matters
     with pytest.raises(ValueError, match="images must be a"):
         model.caption(imgs[0])
+
+
+def test_tiny_unet_starts_blind_to_the_context(tok):
+    """zero_init_cross_attention: every attn2 output projection is 0, so the UNet's output
+    does not depend on the context at init (and the option is off for loaded UNets)."""
+    from mmlayers.models.builders import zero_cross_attention
+
+    torch.manual_seed(0)
+    m = MMInterleaved.from_config(micro_config(len(tok)), tokenizer=tok).eval()
+    attn2 = [mod for n, mod in m.unet.named_modules() if n.endswith("attn2")]
+    assert attn2 and all(a.to_out[0].weight.abs().sum() == 0 for a in attn2)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10, 900])
+    with torch.no_grad():
+        a = m.unet(x, t, encoder_hidden_states=torch.randn(2, 6, 32)).sample
+        b = m.unet(x, t, encoder_hidden_states=torch.randn(2, 6, 32)).sample
+    assert torch.equal(a, b)
+    assert zero_cross_attention(m.unet) == len(attn2)
+    assert MMInterleavedConfig.paper_13b("l", "v", "s").decoder.zero_init_cross_attention is False
