@@ -266,7 +266,7 @@ class MMInterleavedConfig:
             inference_scheduler="DDIMScheduler", num_inference_steps=10, guidance_scale=2.0,
             freeze_unet=False, zero_init_cross_attention=True, image_size=image_size,
             context_queries=16, context_hidden=64,
-            context_depth=1, context_heads=4, uncond_prob=0.1,
+            context_depth=1, context_heads=4, uncond_prob=0.1, detach_context=True,
             init_negative_from_text_encoder=False, sync_dim=32, sync_heads=2, sync_points=2,
             sync_max_images=4)
         return cls(tokens=tokens, llm=llm, vision=vision, decoder=decoder)

@@ -207,6 +207,7 @@ def test_parameter_groups(model):
 def test_detach_context_stops_the_image_loss_at_the_llm(model, batch):
     """decoder.detach_context: the diffusion loss trains the context encoder and the UNet but
     sends nothing into the LLM (its text loss still does)."""
+    before = model.config.decoder.detach_context
     model.config.decoder.detach_context = True
     try:
         model.zero_grad(set_to_none=True)
@@ -218,7 +219,7 @@ def test_detach_context_stops_the_image_loss_at_the_llm(model, batch):
         model(batch, generator=torch.Generator().manual_seed(0)).image_loss.backward()
         assert model.llm.get_input_embeddings().weight.grad.abs().sum() > 0
     finally:
-        model.config.decoder.detach_context = False
+        model.config.decoder.detach_context = before
         model.zero_grad(set_to_none=True)
 
 
