@@ -111,8 +111,8 @@ class DecoderConfig:
             output projection at zero, so the UNet ignores the context until it learns to use
             it (a context it cannot use yet would otherwise be pushed to a constant).
         image_size: side of the images the UNet / VAE see (pixels).
-        context_queries, context_hidden, context_depth, context_heads, uncond_prob,
-            max_context: :class:`~mmlayers.adapters.context.ImageContextEncoder`.
+        context_queries, context_hidden, context_depth, context_heads, uncond_prob, max_context:
+            :class:`~mmlayers.adapters.context.ImageContextEncoder`.
         detach_context: stop the diffusion loss's gradient at the LLM hidden states (the
             context encoder still trains). With an LLM trained from scratch, a context the
             UNet cannot use yet is otherwise pushed towards a constant (it collapses).
