@@ -16,6 +16,7 @@ from mmlayers.layers import (
     sincos_1d,
     sincos_2d,
 )
+from mmlayers.models import MMInterleaved, MMInterleavedConfig
 from mmlayers.ops import multi_scale_deformable_attention
 from mmlayers.vision import VisualTokenizer, VisualTokenizerOutput
 
@@ -23,6 +24,8 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "FeatureSynchronizer",
+    "MMInterleaved",
+    "MMInterleavedConfig",
     "MultiScaleDeformableAttention",
     "PerceiverResampler",
     "SimpleFeaturePyramid",
