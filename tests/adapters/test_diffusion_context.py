@@ -11,13 +11,6 @@ from mmlayers.layers.posembed import sincos_1d
 BOS, SOI, IMG = 1, 5, 7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny sizes: one intra-op thread is faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def loop_spans(ids, max_length=None):

@@ -14,13 +14,6 @@ SYNC = dict(value_dim=12, dim=16, heads=2, points=2, level_sizes=(8, 4))
 S = 8 * 8 + 4 * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny sizes: one intra-op thread is faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 LAYOUTS = {
     "two": dict(block_out_channels=(32, 64), layers_per_block=1,

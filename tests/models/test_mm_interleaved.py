@@ -17,12 +17,6 @@ from mmlayers.models import MMInterleaved, MMInterleavedConfig
 K = 4  # visual tokens per image
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def micro_config(vocab_size: int) -> MMInterleavedConfig:
