@@ -12,7 +12,9 @@ from mmlayers.models.config import (
     TokenConfig,
     VisionConfig,
 )
+from mmlayers.models.memory import build_on_meta, parameter_report
 from mmlayers.models.mm_interleaved import MMInterleaved, MMInterleavedOutput
 
 __all__ = ["DecoderConfig", "LLMConfig", "LossConfig", "MMInterleaved", "MMInterleavedConfig",
-           "MMInterleavedOutput", "TokenConfig", "VisionConfig"]
+           "MMInterleavedOutput", "TokenConfig", "VisionConfig", "build_on_meta",
+           "parameter_report"]

@@ -272,6 +272,61 @@ class MMInterleavedConfig:
         return cls(tokens=tokens, llm=llm, vision=vision, decoder=decoder)
 
     @classmethod
+    def paper_13b_shapes(cls, *, tokens: TokenConfig | None = None) -> MMInterleavedConfig:
+        """:meth:`paper_13b` at the paper's real shapes with random weights and no paths
+        (speed and memory work: nothing is read from disk or downloaded).
+
+        Vicuna-13B-shaped Llama (hidden 5120, 40 layers, 40 heads, MLP 13824, vocabulary
+        32000; ``<soi>`` / ``<image>`` are the two extra rows of the image tokens), CLIP
+        ViT-L/14-shaped vision tower (224 px, width 1024, 24 layers, 16 heads),
+        SD-2.1-base-shaped UNet (channels 320, 640, 1280, 1280, cross-attention width 1024,
+        head dims 5, 10, 20, 20, linear projections, 64² latents) and SD VAE (channels 128,
+        256, 512, 512, 4 latent channels), SD-2.1's noise schedule (scaled-linear betas
+        0.00085–0.012, ε prediction). Every other setting (synchronizers, adapter, resampler,
+        context encoder, freezing, sampling) is :meth:`paper_13b`'s.
+
+        Examples:
+            >>> c = MMInterleavedConfig.paper_13b_shapes()
+            >>> c.llm.path, c.llm.config["hidden_size"], c.llm.config["num_hidden_layers"]
+            (None, 5120, 40)
+            >>> c.vision.config["patch_size"], c.decoder.unet["block_out_channels"]
+            (14, [320, 640, 1280, 1280])
+        """
+        cfg = cls.paper_13b("", "", "", tokens=tokens)
+        tok = cfg.tokens
+        cfg.llm.path = cfg.vision.path = cfg.decoder.path = None
+        cfg.llm.config = {
+            "model_type": "llama", "vocab_size": 32000, "hidden_size": 5120,
+            "intermediate_size": 13824, "num_hidden_layers": 40, "num_attention_heads": 40,
+            "num_key_value_heads": 40, "max_position_embeddings": 2048, "rms_norm_eps": 1e-6,
+            "hidden_act": "silu", "tie_word_embeddings": False, "bos_token_id": tok.bos_id,
+            "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        cfg.vision.config = {
+            "model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
+            "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 224,
+            "patch_size": 14, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+        cfg.decoder.unet = {
+            "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [320, 640, 1280, 1280], "norm_num_groups": 32,
+            "cross_attention_dim": 1024, "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True, "flip_sin_to_cos": True, "freq_shift": 0,
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                 "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                               "CrossAttnUpBlock2D"]}
+        cfg.decoder.vae = {
+            "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2,
+            "block_out_channels": [128, 256, 512, 512], "norm_num_groups": 32,
+            "sample_size": 512, "scaling_factor": 0.18215,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4}
+        cfg.decoder.scheduler = {
+            "class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+            "beta_end": 0.012, "beta_schedule": "scaled_linear", "prediction_type": "epsilon",
+            "clip_sample": False, "steps_offset": 1}
+        return cfg
+
+    @classmethod
     def paper_13b(cls, llm_path: str, vit_path: str, sd_path: str, *,
                   tokens: TokenConfig | None = None) -> MMInterleavedConfig:
         """MM-Interleaved as in the paper, from local directories (nothing is downloaded).
