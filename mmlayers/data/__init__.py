@@ -1,4 +1,5 @@
-"""Data: interleaved document schema, the shapes corpus, a download-free tokenizer, collation.
+"""Data: interleaved document schema, the shapes corpus, a download-free tokenizer, collation,
+MMC4 / image-text pair readers, token-level packing, mixing and resumable streaming.
 
 Importing needs only torch; PIL, tokenizers and transformers are imported where used.
 """
@@ -10,6 +11,9 @@ from mmlayers.data.collate import (
     interleaved_labels,
 )
 from mmlayers.data.document import Document, image_to_tensor, is_image
+from mmlayers.data.mmc4 import MMC4Reader, load_image
+from mmlayers.data.packing import InterleavedStream, PackedRow, RowPacker, StreamingLoader
+from mmlayers.data.pairs import IMAGE_EXTENSIONS, PairReader, tar_samples
 from mmlayers.data.shapes import (
     COLORS,
     KINDS,
@@ -25,6 +29,7 @@ from mmlayers.data.shapes import (
     render_shapes,
     score_image,
 )
+from mmlayers.data.streaming import Mixture, ReadStats, ShardedSource, data_slot
 from mmlayers.data.tokenizer import (
     IMAGE_TOKEN,
     SOI_TOKEN,
@@ -34,6 +39,9 @@ from mmlayers.data.tokenizer import (
 )
 
 __all__ = [
+    "IMAGE_EXTENSIONS", "InterleavedStream", "MMC4Reader", "Mixture", "PackedRow", "PairReader",
+    "ReadStats", "RowPacker", "ShardedSource", "StreamingLoader", "data_slot", "load_image",
+    "tar_samples",
     "COLORS", "IGNORE_INDEX", "IMAGE_TOKEN", "KINDS", "POSITIONS", "SHAPES", "SIZES",
     "SOI_TOKEN", "Document", "ImageScore", "InterleavedBatch", "InterleavedCollator",
     "ShapeAttributes", "ShapesCorpus", "caption_matches", "describe_image",

@@ -28,6 +28,12 @@ Per image (in row-major order) the batch also says where its ``<soi>`` and its s
 ``<s>`` are, whether it has context (anything between ``<s>`` and ``<soi>``; images with
 only ``<s><soi>`` get no diffusion loss) and which image is the previous one in the same
 segment (the UNet synchronizer's source; −1 for a segment's first image).
+
+**Pre-packed rows.** The collator also takes :class:`~mmlayers.data.PackedRow` objects
+(token-level packing by :class:`~mmlayers.data.RowPacker` / :class:`~mmlayers.data.InterleavedStream`):
+each becomes one row as it is. A row may then start with the continuation of a document cut
+in the previous row (no ``<s>``); its images count as having context when any token
+precedes their ``<soi>`` in the row, and ``image_document`` numbers the pieces of the batch.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from mmlayers.data.document import Document, image_to_tensor
+from mmlayers.data.packing import PackedRow
 from mmlayers.data.tokenizer import IMAGE_TOKEN, SOI_TOKEN, image_token_ids
 
 __all__ = ["IGNORE_INDEX", "InterleavedBatch", "InterleavedCollator", "interleaved_labels"]
@@ -111,6 +118,8 @@ class InterleavedBatch:
         image_document: (m,) long, index of the source document in the collated list.
         row_documents: per row, the indices of the documents packed in it.
         truncated: indices of the documents that were truncated.
+        data_state: where a streamed batch leaves its data stream (set by
+            :class:`~mmlayers.data.InterleavedStream`; ``None`` otherwise).
     """
 
     input_ids: torch.Tensor
@@ -126,6 +135,7 @@ class InterleavedBatch:
     image_document: torch.Tensor
     row_documents: list[list[int]] = field(default_factory=list)
     truncated: list[int] = field(default_factory=list)
+    data_state: dict[str, Any] | None = None
 
     def to(self, device: Any) -> InterleavedBatch:
         """A copy with every tensor moved to ``device``."""
@@ -141,6 +151,7 @@ class _Encoded:
     no_loss: list[bool]
     soi: list[int]  # <soi> positions inside the document
     images: list[torch.Tensor]
+    opens: bool = True  # the piece starts with its document's <s>
 
 
 class InterleavedCollator:
@@ -199,6 +210,15 @@ class InterleavedCollator:
         self.pack, self.truncate, self.pad_to_max_length = pack, truncate, pad_to_max_length
 
     # -- one document ----------------------------------------------------------------------
+    def encode(self, document: Document) -> _Encoded:
+        """Token ids of one document, unpacked and untruncated (what packers consume).
+
+        Returns:
+            An object with ``ids`` (``<s>`` … ``</s>``), ``no_loss`` (per token, True on prompt
+            and caption-first text), ``soi`` (``<soi>`` positions) and ``images`` (tensors).
+        """
+        return self._encode(document, 0)
+
     def _encode(self, doc: Document, index: int) -> _Encoded:
         if not isinstance(doc, Document):
             raise TypeError(f"documents[{index}] must be a Document, got {type(doc).__name__}")
@@ -248,11 +268,15 @@ class InterleavedCollator:
                         enc.images[:kept]), True
 
     # -- the batch -------------------------------------------------------------------------
-    def __call__(self, documents: Sequence[Document]) -> InterleavedBatch:
-        """Collate documents (b rows ≤ number of documents) into a batch."""
+    def __call__(self, documents: Sequence[Document] | Sequence[PackedRow]) -> InterleavedBatch:
+        """Collate documents (b rows ≤ number of documents), or pre-packed rows (one row
+        each), into a batch."""
         if isinstance(documents, Document) or not isinstance(documents, Sequence) or not documents:
-            raise TypeError("documents must be a non-empty sequence of Document, got "
-                            f"{type(documents).__name__}")
+            raise TypeError("documents must be a non-empty sequence of Document (or of "
+                            f"PackedRow), got {type(documents).__name__}")
+        if all(isinstance(r, PackedRow) for r in documents):
+            return self._build([_pieces(r, start) for r, start in
+                                zip(documents, _piece_starts(documents), strict=True)], [])
         rows: list[list[_Encoded]] = []
         used, truncated = self.max_length, []
         for i, doc in enumerate(documents):
@@ -265,8 +289,11 @@ class InterleavedCollator:
             else:
                 rows.append([enc])
                 used = len(enc.ids)
+        return self._build(rows, truncated)
+
+    def _build(self, rows: list[list[_Encoded]], truncated: list[int]) -> InterleavedBatch:
         lengths = [sum(len(e.ids) for e in row) for row in rows]
-        n = self.max_length if self.pad_to_max_length else max(lengths)
+        n = max(self.max_length, *lengths) if self.pad_to_max_length else max(lengths)
         b = len(rows)
         input_ids = torch.full((b, n), self.pad_id, dtype=torch.long)
         attention_mask = torch.zeros(b, n, dtype=torch.long)
@@ -280,7 +307,7 @@ class InterleavedCollator:
                 ignore[r, start:end] = torch.tensor(enc.no_loss)
                 first = len(images)
                 for j, (s, img) in enumerate(zip(enc.soi, enc.images, strict=True)):
-                    per_image.append((r, start + s, start, s > 1,
+                    per_image.append((r, start + s, start, s > int(enc.opens),
                                       first + j - 1 if j else -1, enc.doc))
                     images.append(img)
                 start = end
@@ -312,3 +339,24 @@ class InterleavedCollator:
                                  f"documents[{per_image[0][5]}] has {tuple(shape)}, "
                                  f"documents[{info[5]}] has {tuple(img.shape)}; resize them first")
         return torch.stack(images)
+
+
+def _piece_starts(rows: Sequence[Any]) -> list[int]:
+    """Batch-wide index of each row's first piece."""
+    starts, total = [], 0
+    for row in rows:
+        starts.append(total)
+        total += len(row.segments)
+    return starts
+
+
+def _pieces(row: Any, first: int) -> list[_Encoded]:
+    """A :class:`~mmlayers.data.PackedRow` → its pieces (document parts) as encoded items."""
+    bounds = [*row.segments, len(row.input_ids)]
+    pieces, j = [], 0
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
+        soi = [s - a for s in row.soi if a <= s < b]
+        pieces.append(_Encoded(first + i, row.input_ids[a:b], row.no_loss[a:b], soi,
+                               row.images[j:j + len(soi)], row.opens[i]))
+        j += len(soi)
+    return pieces
