@@ -7,18 +7,26 @@ Writes ``<out_dir>/metrics.jsonl`` (one JSON record per log / eval), checkpoints
 ``<out_dir>/checkpoints/step_NNNNNN`` (model safetensors + optimizer, LR schedule, RNG and
 data position; written to a temporary directory, then ``os.replace``) and the final model
 under ``<out_dir>/model``. ``--resume`` continues from ``checkpoints/latest`` exactly.
-Device handling is plain torch (``accelerate`` is not used).
+
+Several processes (DDP, FSDP, DeepSpeed; gloo on CPU) through ``accelerate``:
+
+    accelerate launch --config_file recipes/configs/accelerate_cpu_2proc.yaml \
+        recipes/train.py --config recipes/configs/shapes_tiny.yaml train.noise=per_batch
+
+``train.batch_size`` is the global micro-batch (split evenly over the processes), so the
+samples of each step do not depend on the number of processes; a checkpoint written by N
+processes (without a sharding engine) resumes in any number.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -28,6 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
 from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer  # noqa: E402
@@ -110,54 +119,34 @@ def make_optimizer(model: MMInterleaved, t: dict):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-# ------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out: Path, step: int, model, opt, sched, scaler, gen, keep: int) -> None:
-    """Atomic: everything goes to ``step_N.tmp`` first, then ``os.replace``; ``latest``
-    (a one-line file) is replaced last."""
-    ckpt = out / "checkpoints"
-    final, tmp = ckpt / f"step_{step:06d}", ckpt / f"step_{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "generator": gen.get_state(), "torch": torch.get_rng_state(),
-                "python": random.getstate()}, tmp / "trainer.pt")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(ckpt / "latest.tmp", "w") as f:
-        f.write(final.name)
-    os.replace(ckpt / "latest.tmp", ckpt / "latest")
-    for old in sorted(ckpt.glob("step_??????"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path, model, opt, sched, scaler, gen) -> int:
-    from safetensors.torch import load_file
-
-    ckpt = out / "checkpoints"
-    name = (ckpt / "latest").read_text().strip()
-    model.load_state_dict(load_file(ckpt / name / "model.safetensors"), strict=False)
-    state = torch.load(ckpt / name / "trainer.pt", weights_only=False)
-    opt.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"] is not None:
-        scaler.load_state_dict(state["scaler"])
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    return int(state["step"])
-
-
 # ------------------------------------------------------------------------------ train
-def _device_and_precision(t: dict):
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
-                       if t["device"] == "auto" else t["device"])
+def make_accelerator(t: dict):
+    """An ``accelerate.Accelerator`` for ``train.device`` / ``train.precision``; the process
+    group (DDP with gloo on CPU, NCCL on GPUs, FSDP, DeepSpeed) comes from the launcher."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if t["device"] not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t['device']!r}")
+    cpu = t["device"] == "cpu" or (t["device"] == "auto" and not torch.cuda.is_available())
     prec = t["precision"]
     if prec == "auto":
-        prec = "fp16" if dev.type == "cuda" else "fp32"
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[prec]
-    scaler = torch.amp.GradScaler(dev.type) if prec == "fp16" else None
-    return dev, dtype, scaler
+        prec = "fp32" if cpu else "fp16"
+    modes = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+    if prec not in modes:
+        raise ValueError(f"train.precision must be one of auto, {', '.join(modes)}; got {prec!r}")
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=t.get("find_unused_parameters", True))
+    return Accelerator(cpu=cpu, mixed_precision=modes[prec], kwargs_handlers=[ddp])
+
+
+def noise_generator(t: dict, step: int, micro: int, stream: torch.Generator) -> torch.Generator:
+    """The generator for the diffusion noise, timesteps and context dropout of one
+    micro-batch. ``train.noise: stream``: one generator for the whole run (one process
+    only). ``per_batch``: seeded from (seed, step, global micro-batch index), so the noise of
+    a sample does not depend on how many processes share the batch."""
+    if t["noise"] == "stream":
+        return stream
+    return torch.Generator().manual_seed((t["seed"] * 1_000_003 + step) * 65_537 + micro)
 
 
 def evaluate(model, held_out, collate, dev, t: dict) -> dict:
@@ -173,71 +162,102 @@ def evaluate(model, held_out, collate, dev, t: dict) -> dict:
 
 
 def train(cfg: dict, *, resume: bool = False) -> dict:
-    """Run training; returns ``{"model", "tokenizer", "held_out", "history", "seconds"}``."""
+    """Run training; returns ``{"model", "tokenizer", "held_out", "history", "seconds"}``.
+
+    ``train.batch_size`` is the global micro-batch: each of the ``W`` processes takes
+    ``batch_size / W`` consecutive samples of it (rank order), so the samples of a step and,
+    with ``train.noise: per_batch``, their noise do not depend on ``W``. Only the main
+    process writes logs and checkpoints."""
     t = cfg["train"]
+    t.setdefault("noise", "stream")
     if t.get("threads"):
         torch.set_num_threads(int(t["threads"]))
+    acc = make_accelerator(t)
+    world, rank = acc.num_processes, acc.process_index
+    bs, accum = t["batch_size"], t["grad_accum"]
+    if bs % world:
+        raise ValueError(f"train.batch_size={bs} must be divisible by the {world} processes")
+    if t["noise"] not in ("stream", "per_batch"):
+        raise ValueError(f"train.noise must be 'stream' or 'per_batch', got {t['noise']!r}")
+    if t["noise"] == "stream" and world > 1:
+        raise ValueError("train.noise='stream' is one generator in one process; "
+                         f"use train.noise=per_batch with {world} processes")
+    mb, global_batch = bs // world, bs * accum
+    logger.info("process %d of %d (%s on %s): %d samples per micro-batch, %d per step", rank,
+                world, acc.distributed_type.value, acc.device, mb, global_batch)
     torch.manual_seed(t["seed"])
     random.seed(t["seed"])
     out = Path(t["out_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
     model, tokenizer, corpus, held_out, collate = build(cfg)
-    dev, amp_dtype, scaler = _device_and_precision(t)
+    dev = acc.device
     model.to(dev).train()
     opt, sched = make_optimizer(model, t)
+    model, opt = acc.prepare(model, opt)                  # the schedule steps once per step
+    core = acc.unwrap_model(model)
     gen = torch.Generator().manual_seed(t["seed"])
-    step = load_checkpoint(out, model, opt, sched, scaler, gen) if resume else 0
+    step, samples = 0, 0
     if resume:
-        logger.info("resumed from step %d", step)
+        step, samples = load_checkpoint(out, acc, model, opt, sched, gen)
+        samples = step * global_batch if samples is None else samples
+        logger.info("resumed from step %d (%d samples consumed)", step, samples)
     params = [p for g in opt.param_groups for p in g["params"]]
-    bs, accum, history = t["batch_size"], t["grad_accum"], []
-    metrics = open(out / "metrics.jsonl", "a")
+    history = []
+    metrics = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
     start, stop = time.perf_counter(), min(t["steps"], step + (t["stop_after"] or t["steps"]))
     while step < stop:
         sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
         for a in range(accum):
-            first = (step * accum + a) * bs                     # data position
-            batch = collate([corpus[i] for i in range(first, first + bs)]).to(dev)
-            with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                o = model(batch, generator=gen)
-            loss = o.loss / accum
-            (scaler.scale(loss) if scaler is not None else loss).backward()
+            micro = a * world + rank                            # global micro-batch index
+            first = samples + micro * mb                        # data position
+            batch = collate([corpus[i] for i in range(first, first + mb)]).to(dev)
+            g = noise_generator(t, step, micro, gen)
+            with acc.no_sync(model) if a < accum - 1 else contextlib.nullcontext():
+                with acc.autocast():
+                    o = model(batch, generator=g)
+                acc.backward(o.loss / accum)
             for k in sums:
                 sums[k] += getattr(o, k).item() / accum
-        if scaler is not None:
-            scaler.unscale_(opt)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t["clip_grad"]).item()
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
+        if world > 1:                                           # mean over processes
+            mean = acc.reduce(torch.tensor(list(sums.values()), dtype=torch.float64, device=dev),
+                              "mean").tolist()
+            sums = dict(zip(sums, mean, strict=True))
+        grad_norm = acc.clip_grad_norm_(params, t["clip_grad"])
+        opt.step()
         opt.zero_grad(set_to_none=True)
         sched.step()
-        step += 1
-        record = {"step": step, **sums, "grad_norm": grad_norm, "lr": sched.get_last_lr()[0],
-                  "seconds": round(time.perf_counter() - start, 2)}
+        step, samples = step + 1, samples + global_batch
+        record = {"step": step, **sums,
+                  "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                  "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
         history.append(record)
         out_of_time = t["time_limit"] is not None and time.perf_counter() - start > t["time_limit"]
-        if step % t["log_every"] == 0 or step == stop or out_of_time:
+        if t["time_limit"] is not None and world > 1:           # every process stops together
+            out_of_time = bool(acc.reduce(torch.tensor([float(out_of_time)], device=dev), "max"))
+        if acc.is_main_process and (step % t["log_every"] == 0 or step == stop or out_of_time):
             logger.info("step %d/%d loss %.4f text %.4f image %.4f lr %.2e (%.0fs)", step,
                         t["steps"], sums["loss"], sums["text_loss"], sums["image_loss"],
                         record["lr"], record["seconds"])
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
-        if t["eval_every"] and (step % t["eval_every"] == 0 or step == t["steps"]):
-            ev = {"step": step, **evaluate(model, held_out, collate, dev, t)}
+        if acc.is_main_process and t["eval_every"] and (step % t["eval_every"] == 0
+                                                        or step == t["steps"]):
+            ev = {"step": step, **evaluate(core, held_out, collate, dev, t)}
             logger.info("eval %s", {k: round(v, 4) for k, v in ev.items()})
             metrics.write(json.dumps(ev) + "\n")
             metrics.flush()
         if step % t["save_every"] == 0 or step == stop or out_of_time:
-            save_checkpoint(out, step, model, opt, sched, scaler, gen, t["keep_checkpoints"])
+            save_checkpoint(out, step, samples, acc, model, opt, sched, gen,
+                            t["keep_checkpoints"])
         if out_of_time:
             logger.info("time limit of %ss reached at step %d", t["time_limit"], step)
             break
-    metrics.close()
-    model.save_pretrained(out / "model")
-    return {"model": model, "tokenizer": tokenizer, "held_out": held_out, "history": history,
+    if acc.is_main_process:
+        metrics.close()
+        core.save_pretrained(out / "model")
+    acc.wait_for_everyone()
+    return {"model": core, "tokenizer": tokenizer, "held_out": held_out, "history": history,
             "seconds": time.perf_counter() - start}
 
 
