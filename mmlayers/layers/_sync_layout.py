@@ -46,20 +46,22 @@ class _TallLayout(torch.autograd.Function):
         b, m, s, d = values.shape
         rows = sum(m * (x + 1) * x for x in level_sizes)
         out = values.new_empty(b, heads, rows, d // heads)
+        ctx.level_sizes, ctx.shape = level_sizes, (b, m, s, d)
+        if m == 0:  # no images: an empty table (every query then reads nothing)
+            return out
         for size, s0, t0 in _blocks(level_sizes, m):
             dst = out[:, :, t0:t0 + m * (size + 1) * size].view(b, heads, m, size + 1, size, -1)
             dst[:, :, :, size].zero_()
             dst[:, :, :, :size].copy_(rearrange(
                 values[:, :, s0:s0 + size * size], "b m (H W) (h dh) -> b h m H W dh",
                 H=size, h=heads))
-        ctx.level_sizes, ctx.shape = level_sizes, (b, m, s, d)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         b, m, s, d = ctx.shape
         heads = grad.shape[1]
-        out = grad.new_empty(b, m, s, d)
+        out = grad.new_zeros(b, m, s, d) if m == 0 else grad.new_empty(b, m, s, d)
         for size, s0, t0 in _blocks(ctx.level_sizes, m):
             src = grad[:, :, t0:t0 + m * (size + 1) * size].reshape(
                 b, heads, m, size + 1, size, -1)[:, :, :, :size]

@@ -153,6 +153,21 @@ def test_query_that_sees_nothing_returns_ignore_output():
     assert not torch.allclose(out[0, 2], want[0, 2])
 
 
+def test_no_images_is_a_query_that_sees_nothing():
+    # a document with no image yet must give what its tokens get once images follow them
+    # (the synchronizer is causal): output_proj(0), with gradients to output_proj only
+    layer, _ = make()
+    query, feats, _ = inputs()
+    empty = feats[:, :0].clone().requires_grad_(True)
+    out = layer(query, empty, torch.zeros(2, 7, 0, dtype=torch.bool))
+    want = layer.output_proj(torch.zeros(2, 7, CFG["dim"], dtype=torch.float64))
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(layer(query, empty), want, rtol=0, atol=0)
+    out.sum().backward()
+    torch.testing.assert_close(layer.output_proj.bias.grad,
+                               torch.full_like(layer.output_proj.bias, 2.0 * 7))
+
+
 def test_relative_positions_hand_made():
     vis = torch.tensor([[[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]]]).bool()
     assert relative_image_positions(vis).tolist() == [
