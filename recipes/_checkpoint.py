@@ -35,8 +35,11 @@ def sharded(accelerator) -> bool:
 
 
 def save_checkpoint(out: Path, step: int, samples: int, accelerator, model, opt, sched,
-                    gen: torch.Generator, keep: int) -> None:
-    """Write checkpoint ``step`` (call on every process)."""
+                    gen: torch.Generator, data, keep: int) -> None:
+    """Write checkpoint ``step`` (call on every process); ``data.state_dict()`` of every
+    process is gathered into ``trainer.pt`` (``None`` for index-addressed data)."""
+    from accelerate.utils import gather_object
+
     ckpt = out / "checkpoints"
     final, tmp = ckpt / f"step_{step:06d}", ckpt / f"step_{step:06d}.tmp"
     main = accelerator.is_main_process
@@ -47,6 +50,8 @@ def save_checkpoint(out: Path, step: int, samples: int, accelerator, model, opt,
     if sharded(accelerator):
         accelerator.save_state(str(tmp / "engine"))
     full = accelerator.get_state_dict(model) if sharded(accelerator) else None
+    local = data.state_dict()
+    data_states = gather_object([local]) if accelerator.num_processes > 1 else [local]
     if main:
         unwrapped = accelerator.unwrap_model(model)
         if full is None:
@@ -59,7 +64,8 @@ def save_checkpoint(out: Path, step: int, samples: int, accelerator, model, opt,
                     "scheduler": sched.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None,
                     "generator": gen.get_state(), "torch": torch.get_rng_state(),
-                    "python": random.getstate(), "world_size": accelerator.num_processes},
+                    "python": random.getstate(), "world_size": accelerator.num_processes,
+                    "data": data_states},
                    tmp / "trainer.pt")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -87,8 +93,8 @@ def _save_full(unwrapped, state: dict, directory: Path) -> None:
         unwrapped.tokenizer.save_pretrained(str(directory / "tokenizer"))
 
 
-def load_checkpoint(out: Path, accelerator, model, opt, sched,
-                    gen: torch.Generator) -> tuple[int, int | None]:
+def load_checkpoint(out: Path, accelerator, model, opt, sched, gen: torch.Generator,
+                    data) -> tuple[int, int | None]:
     """Restore ``checkpoints/latest`` in place; returns ``(step, samples)`` (``samples`` is
     ``None`` for checkpoints written before it was recorded)."""
     from safetensors.torch import load_file
@@ -107,6 +113,13 @@ def load_checkpoint(out: Path, accelerator, model, opt, sched,
         accelerator.unwrap_model(model).load_state_dict(weights, strict=False)
         opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    data_states = state.get("data") or [None]
+    if any(s is not None for s in data_states):
+        if len(data_states) != accelerator.num_processes:
+            raise ValueError(f"{ckpt / name} holds the stream positions of {len(data_states)} "
+                             f"processes; resume it with that many, not "
+                             f"{accelerator.num_processes}")
+        data.load_state_dict(data_states[accelerator.process_index])
     if accelerator.scaler is not None and state["scaler"] is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     gen.set_state(state["generator"])

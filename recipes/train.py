@@ -37,6 +37,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from _data import build_data  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
 from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer  # noqa: E402
@@ -70,16 +71,14 @@ def _merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def build(cfg: dict):
-    """(model, tokenizer, training corpus, held-out corpus, collator) from the config."""
+def model_config(cfg: dict):
+    """(:class:`MMInterleavedConfig`, tokenizer) for ``cfg["model"]`` (no weights loaded):
+    the preset merged with ``model.overrides``. ``paper_13b_shapes`` (random init at the
+    paper's shapes, no tokenizer) is for sizing (:mod:`mmlayers.models.memory`)."""
     d, mc = cfg["data"], cfg["model"]
-    corpus_kw = dict(size=d["image_size"], kinds=d["kinds"], colors=d["colors"],
-                     max_shapes=d["max_shapes"], jitter=d["jitter"],
-                     caption_first=d["caption_first"], tensors=True)
-    corpus = ShapesCorpus(seed=d["seed"], length=10**9, **corpus_kw)
-    held_out = ShapesCorpus(seed=d["eval_seed"], length=10**6, **corpus_kw)
-    if mc["preset"] == "tiny":
-        tokenizer = word_level_tokenizer(corpus.vocabulary())
+    tokenizer = None
+    if mc["preset"] == "tiny":                  # the word-level vocabulary of the shapes data
+        tokenizer = word_level_tokenizer(ShapesCorpus(seed=0, length=1).vocabulary())
         base = MMInterleavedConfig.tiny(vocab_size=len(tokenizer), image_size=d["image_size"])
     elif mc["preset"] == "paper_13b":
         from transformers import AutoTokenizer
@@ -93,13 +92,24 @@ def build(cfg: dict):
                              pad_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
                              soi_id=soi, image_id=img)
         base = MMInterleavedConfig.paper_13b(p["llm"], p["vit"], p["sd"], tokens=tokens)
+    elif mc["preset"] == "paper_13b_shapes":
+        base = MMInterleavedConfig.paper_13b_shapes()
     else:
-        raise ValueError(f"model.preset must be 'tiny' or 'paper_13b', got {mc['preset']!r}")
-    config = MMInterleavedConfig.from_dict(_merge(base.to_dict(), mc.get("overrides") or {}))
+        raise ValueError(f"model.preset must be 'tiny', 'paper_13b' or 'paper_13b_shapes', "
+                         f"got {mc['preset']!r}")
+    return MMInterleavedConfig.from_dict(_merge(base.to_dict(), mc.get("overrides") or {})), tokenizer
+
+
+def build(cfg: dict):
+    """(model, tokenizer, collator) from the config."""
+    config, tokenizer = model_config(cfg)
+    if tokenizer is None:
+        raise ValueError(f"model.preset={cfg['model']['preset']!r} has no tokenizer; it is for "
+                         f"mmlayers.models.memory.build_on_meta, train with 'paper_13b'")
     model = MMInterleaved.from_config(config, tokenizer=tokenizer)
     collate = InterleavedCollator(tokenizer=tokenizer, num_image_tokens=config.vision.num_tokens,
-                                  max_length=d["max_length"])
-    return model, tokenizer, corpus, held_out, collate
+                                  max_length=cfg["data"]["max_length"])
+    return model, tokenizer, collate
 
 
 def make_optimizer(model: MMInterleaved, t: dict):
@@ -190,7 +200,11 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     out = Path(t["out_dir"])
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer, corpus, held_out, collate = build(cfg)
+    model, tokenizer, collate = build(cfg)
+    data, held_out = build_data(cfg, tokenizer, collate, micro_batch=mb, rank=rank, world=world)
+    if t["eval_every"] and held_out is None:
+        raise ValueError("train.eval_every needs data.source=shapes (its held-out captions); "
+                         "set train.eval_every=0")
     dev = acc.device
     model.to(dev).train()
     opt, sched = make_optimizer(model, t)
@@ -199,7 +213,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     gen = torch.Generator().manual_seed(t["seed"])
     step, samples = 0, 0
     if resume:
-        step, samples = load_checkpoint(out, acc, model, opt, sched, gen)
+        step, samples = load_checkpoint(out, acc, model, opt, sched, gen, data)
         samples = step * global_batch if samples is None else samples
         logger.info("resumed from step %d (%d samples consumed)", step, samples)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -211,7 +225,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         for a in range(accum):
             micro = a * world + rank                            # global micro-batch index
             first = samples + micro * mb                        # data position
-            batch = collate([corpus[i] for i in range(first, first + mb)]).to(dev)
+            batch = data.batch(first, mb).to(dev)
             g = noise_generator(t, step, micro, gen)
             with acc.no_sync(model) if a < accum - 1 else contextlib.nullcontext():
                 with acc.autocast():
@@ -248,7 +262,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             metrics.write(json.dumps(ev) + "\n")
             metrics.flush()
         if step % t["save_every"] == 0 or step == stop or out_of_time:
-            save_checkpoint(out, step, samples, acc, model, opt, sched, gen,
+            save_checkpoint(out, step, samples, acc, model, opt, sched, gen, data,
                             t["keep_checkpoints"])
         if out_of_time:
             logger.info("time limit of %ss reached at step %d", t["time_limit"], step)
