@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmlayers.data.streaming import ReadStats, data_slot
 
@@ -219,6 +219,7 @@ class InterleavedStream(IterableDataset):
         self.rank, self.world_size, self.drop_last = rank, world_size, drop_last
         self._num_slots: int | None = None
         self._slots: dict[int, dict[str, Any]] = {}
+        self._last_slot: int | None = None
 
     # ------------------------------------------------------------------ iteration
     def _documents(self, slot: int, num_slots: int, saved: dict | None):
@@ -237,6 +238,13 @@ class InterleavedStream(IterableDataset):
                              f"workers) but this run has {num_slots}; resume with the same "
                              f"world size and number of dataloader workers")
         self._num_slots = num_slots
+        info = get_worker_info()
+        workers = 1 if info is None else info.num_workers
+        if self._last_slot is not None and workers > 1:
+            # a DataLoader starts with worker 0: give it the slot whose turn is next, so a
+            # resumed run yields batches in the order of an uninterrupted one
+            shift, w = (self._last_slot % workers + 1) % workers, slot % workers
+            slot = slot - w + (w + shift) % workers
         saved = self._slots.get(slot)
         rows = self.packer.pack(self._documents(slot, num_slots, saved),
                                 offset=(saved or {}).get("offset", 0))
@@ -262,25 +270,25 @@ class InterleavedStream(IterableDataset):
         state = getattr(batch, "data_state", None)
         if not isinstance(state, dict) or "slot" not in state:
             raise ValueError("batch has no data_state; it did not come from an InterleavedStream")
-        self._num_slots = state["num_slots"]
+        self._num_slots, self._last_slot = state["num_slots"], state["slot"]
         self._slots[state["slot"]] = {"at": state["at"], "offset": state["offset"]}
 
     def state_dict(self) -> dict[str, Any]:
         """The consumed position of every slot (plain Python values; save it with the
         checkpoint)."""
-        return {"num_slots": self._num_slots,
+        return {"num_slots": self._num_slots, "last_slot": self._last_slot,
                 "slots": {s: {"at": v["at"], "offset": v["offset"]} for s, v in self._slots.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state`` (from :meth:`state_dict`) at the next iteration."""
         if not isinstance(state, dict) or "slots" not in state:
             raise ValueError(f"expected a dict from InterleavedStream.state_dict(), got {state!r}")
-        self._num_slots = state["num_slots"]
+        self._num_slots, self._last_slot = state["num_slots"], state.get("last_slot")
         self._slots = {int(s): dict(v) for s, v in state["slots"].items()}
 
     def reset(self) -> None:
         """Forget the position: the next iteration starts from the beginning."""
-        self._num_slots, self._slots = None, {}
+        self._num_slots, self._slots, self._last_slot = None, {}, None
 
     def stats(self) -> dict[str, ReadStats]:
         """Read counts per source, summed over the slots consumed so far."""
