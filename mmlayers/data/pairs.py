@@ -14,7 +14,7 @@ otherwise; a caption placed first is a text-to-image sample
 Randomness is seeded per sample (seed, shard name, sample index). Samples without an image
 or caption, or whose image does not decode, are skipped and counted in a
 :class:`~mmlayers.data.ReadStats`; an unreadable or truncated tar stops that shard only
-(counted as ``unreadable_shard``).
+(counted as ``unreadable_shard``; its last, possibly incomplete sample is not yielded).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def tar_samples(path: str | os.PathLike, *, start: int = 0,
     stats = stats if stats is not None else ReadStats()
     index, key, sample = -1, None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with open(path, "rb") as f, tarfile.open(fileobj=f, mode="r:*") as tar:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -75,10 +75,14 @@ def tar_samples(path: str | os.PathLike, *, start: int = 0,
                         yield index, key, sample
                     index, key, sample = index + 1, k, {}
                 if index >= start and (select is None or select(index)):
-                    f = tar.extractfile(member)
-                    sample[ext] = f.read() if f is not None else b""
+                    member_file = tar.extractfile(member)
+                    sample[ext] = member_file.read() if member_file is not None else b""
                 else:
                     sample[ext] = b""  # placeholder: the sample is passed over
+            # a tar ends with zero blocks; a file cut at a header boundary does not
+            tar.fileobj.seek(tar.offset)
+            if tar.fileobj.read(512) != bytes(512):
+                raise tarfile.ReadError("no end-of-archive block: the file is truncated")
     except (OSError, tarfile.TarError, EOFError) as e:
         stats["unreadable_shard"] += 1
         logger.warning("tar shard %s: stopped at sample %d: %s", path, max(index, 0), e)
