@@ -29,7 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     suites = sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.name.startswith("_"))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("suite", choices=suites, help="which benchmark to run")
+    parser.add_argument("--json", metavar="PATH", default=None,
+                        help="also save the tables, command, date and machine as JSON "
+                             "(read by recipes/plot_benchmarks.py)")
     args, rest = parser.parse_known_args(argv)
+    if args.json:
+        from bench._common import set_json_output
+
+        set_json_output(args.json, suite=args.suite,
+                        command=" ".join(["python recipes/benchmark.py", args.suite, *rest]))
     module = importlib.import_module(f"bench.{args.suite}")
     module.main(rest)
 
