@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -233,7 +233,8 @@ class SynchronizerHandle:
 
     @contextlib.contextmanager
     def vision(self, features: torch.Tensor, visibility: torch.Tensor | None = None, *,
-               cache_values: bool = True) -> Iterator[None]:
+               cache_values: bool = True,
+               prepared: Mapping[str, PreparedValues] | None = None) -> Iterator[None]:
         """Make images visible to the synchronizers for the calls inside the block.
 
         Args:
@@ -247,6 +248,10 @@ class SynchronizerHandle:
                 and sampling layout (:meth:`SynchronizerBlock.prepare_values`) once and reuse
                 it for every call in the block (decoding steps, beams). With grad enabled
                 values are recomputed per call.
+            prepared: values already prepared for ``features`` (block key → the block's
+                :meth:`SynchronizerBlock.prepare_values` of the b rows), e.g. kept across
+                the turns of a generation session; used instead of preparing them again
+                (under ``torch.no_grad()`` with ``cache_values``).
 
         A batch of ``k·b`` rows (``generate`` with beams or several returned sequences
         repeats every row k times in place) reads image row ``i // k``. Nested blocks are
@@ -257,6 +262,13 @@ class SynchronizerHandle:
         self._check_vision(features, visibility)
         ctx = _VisionContext(features, None if visibility is None else visibility.bool(),
                              cache_values)
+        for key, values in (prepared or {}).items():
+            if key not in self.blocks or not isinstance(values, PreparedValues) \
+                    or (values.batch, values.images) != tuple(features.shape[:2]):
+                raise ValueError(f"prepared[{key!r}] must be the PreparedValues of block "
+                                 f"{sorted(self.blocks)} for the {tuple(features.shape[:2])} "
+                                 f"(b, m) features")
+            ctx.values[(key, features.shape[0])] = values
         self._stack.append(ctx)
         try:
             yield

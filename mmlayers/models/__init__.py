@@ -12,9 +12,12 @@ from mmlayers.models.config import (
     TokenConfig,
     VisionConfig,
 )
+from mmlayers.models.decoding import SamplingConfig, beam_search, choose_token
 from mmlayers.models.memory import build_on_meta, parameter_report
 from mmlayers.models.mm_interleaved import MMInterleaved, MMInterleavedOutput
+from mmlayers.models.session import InterleavedSession, TextResult
 
-__all__ = ["DecoderConfig", "LLMConfig", "LossConfig", "MMInterleaved", "MMInterleavedConfig",
-           "MMInterleavedOutput", "TokenConfig", "VisionConfig", "build_on_meta",
+__all__ = ["DecoderConfig", "InterleavedSession", "LLMConfig", "LossConfig", "MMInterleaved",
+           "MMInterleavedConfig", "MMInterleavedOutput", "SamplingConfig", "TextResult",
+           "TokenConfig", "VisionConfig", "beam_search", "build_on_meta", "choose_token",
            "parameter_report"]

@@ -231,20 +231,25 @@ class MMInterleaved(GenerationMixin, nn.Module):
         """LLM with image slots and synchronizers → (hidden (b, n, d), logits (b, n, V'))."""
         tok = self.config.tokens
         embeds = self.image_tokens.embed(input_ids, None if vis is None else vis.tokens)
-        decoder = self.llm.get_decoder()
-        if vis is None:
-            hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                             use_cache=False).last_hidden_state
-        else:
-            feats, _ = vis.llm_features
-            rows = per_row_features(feats, image_row, images_per_row)
-            visibility, _ = image_visibility(input_ids, soi_id=tok.soi_id, image_id=tok.image_id,
-                                             bos_id=tok.bos_id, m=rows.shape[1])
-            with self.sync_handle.vision(rows, visibility):
-                hidden = decoder(inputs_embeds=embeds, attention_mask=attention_mask,
-                                 use_cache=False).last_hidden_state
+        feats = self.llm_image_features(vis, image_row, images_per_row, input_ids.shape[0])
+        visibility, _ = image_visibility(input_ids, soi_id=tok.soi_id, image_id=tok.image_id,
+                                         bos_id=tok.bos_id, m=feats.shape[1])
+        with self.sync_handle.vision(feats, visibility):
+            hidden = self.llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                            use_cache=False).last_hidden_state
         out = self.llm.get_output_embeddings()(hidden) if logits else None
         return hidden, out
+
+    def llm_image_features(self, vis, image_row: torch.Tensor, images_per_row: torch.Tensor,
+                           batch: int) -> torch.Tensor:
+        """Per-row LLM synchronizer inputs (b, m_row, s, dv) from the images' tokenizer
+        output; (b, 0, s, dv) without images, so that text is synchronized the same way
+        (every query sees no image) whether or not images follow it."""
+        if vis is not None:
+            return per_row_features(vis.llm_features[0], image_row, images_per_row)
+        sync = next(iter(self.llm_sync.blocks.values())).sync
+        p = self.visual.pos_proj.weight
+        return p.new_zeros(batch, 0, sync.tokens_per_image, sync.value_dim)
 
     def decoder_images(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] → the UNet's / VAE's input: resized, in [−1, 1]."""

@@ -1,0 +1,492 @@
+"""Interleaved generation, turn after turn, with every cache kept between turns.
+
+Shape key: n document tokens · m images · k visual tokens per image · s pyramid tokens
+of one image · dv pyramid width · d LLM width · V vocabulary · c,H,W image.
+
+Writing an interleaved document alternates: text until the model opens an image
+(``<soi>``), the image, then more text. The official loop re-encodes the whole document
+every turn (and every old image with the vision encoder) and rebuilds the diffusion
+pipeline per image. An :class:`InterleavedSession` keeps, across turns:
+
+- the LLM's KV cache: only tokens not yet seen are run (a turn's prompt, each new token);
+- per image, computed once when it is added: its k visual tokens, its pyramid for the
+  LLM synchronizers and for the UNet synchronizers, and each LLM synchronizer's value
+  projection (:class:`~mmlayers.layers.synchronizer.PreparedValues` are rebuilt from the
+  kept projections when an image is added);
+- the LLM's last hidden states (the context of the next image) and one
+  :class:`~mmlayers.adapters.diffusion_sampling.ImageGenerator` per scheduler.
+
+With the same decoding settings and seeds it produces the text and images of a loop that
+re-encodes the whole document for every token (checked in the tests, in float64).
+
+Document layout: ``<s>`` text tokens, and ``<soi><image>×k`` per image. A generated
+``</s>`` ends the document (it stays in it); a generated ``<soi>`` opens an image, which
+:meth:`~InterleavedSession.generate_image` draws or :meth:`~InterleavedSession.add_image`
+fills. The context length is ``max_length`` tokens: a call that would exceed it raises
+before changing anything (there is no sliding window).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmlayers.adapters.context import image_contexts
+from mmlayers.adapters.diffusion_sampling import ImageGenerator
+from mmlayers.data.document import image_to_tensor, is_image
+from mmlayers.layers.visibility import image_visibility
+from mmlayers.models.decoding import SamplingConfig, beam_search, choose_token
+from mmlayers.models.images import load_image, to_pil
+
+__all__ = ["InterleavedSession", "TextResult"]
+
+
+@dataclass
+class TextResult:
+    """What :meth:`InterleavedSession.generate_text` returns.
+
+    Attributes:
+        text: the decoded new text (special tokens left out).
+        token_ids: every new token id, including a final ``</s>`` or ``<soi>``.
+        image_opened: decoding stopped at ``<soi>``: an image is open.
+        finished: decoding stopped at ``</s>``.
+    """
+
+    text: str
+    token_ids: list[int]
+    image_opened: bool
+    finished: bool
+
+
+def _cache_name(llm) -> str:
+    params = inspect.signature(llm.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+class InterleavedSession:
+    """An interleaved document (text and images) that an :class:`MMInterleaved` extends.
+
+    Args:
+        model: an :class:`~mmlayers.models.MMInterleaved` (put in eval mode by the caller).
+        tokenizer: default ``model.tokenizer``.
+        max_length: most tokens in the document; default the LLM's
+            ``max_position_embeddings``.
+
+    Attributes:
+        ids: the document's token ids. images: its images, (c, H, W) float in [0, 1].
+        items: the document as text pieces and images, in order.
+        stats: counters: ``vision_calls`` (images encoded), ``llm_tokens`` (tokens run
+            through the LLM), ``llm_calls``.
+
+    Examples:
+        >>> import torch
+        >>> from mmlayers.data import ShapesCorpus, word_level_tokenizer
+        >>> from mmlayers.models import MMInterleaved, MMInterleavedConfig
+        >>> tok = word_level_tokenizer(ShapesCorpus(seed=0, length=4).vocabulary())
+        >>> _ = torch.manual_seed(0)
+        >>> model = MMInterleaved.from_config(MMInterleavedConfig.tiny(vocab_size=len(tok)),
+        ...                                   tokenizer=tok).eval()
+        >>> session = InterleavedSession(model)
+        >>> session.add_text("a red circle on the left.")
+        >>> image = session.generate_image(num_inference_steps=2,
+        ...                                generator=torch.Generator().manual_seed(0))
+        >>> image.size, session.num_images
+        ((32, 32), 1)
+        >>> result = session.generate_text(max_new_tokens=4)
+        >>> len(result.token_ids) <= 4, session.stats["vision_calls"]
+        (True, 1)
+    """
+
+    def __init__(self, model, tokenizer: Any = None, *, max_length: int | None = None) -> None:
+        self.model = model
+        self.tokenizer = model._tokenizer(tokenizer)
+        self.tok = model.config.tokens
+        self.k = model.config.vision.num_tokens
+        limit = getattr(model.llm.config.get_text_config(), "max_position_embeddings", None)
+        if max_length is None:
+            max_length = limit
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2 \
+                or (limit is not None and max_length > limit):
+            raise ValueError(f"max_length must be an int in [2, {limit}] (the LLM's "
+                             f"max_position_embeddings), got {max_length!r}")
+        self.max_length = max_length
+        blocks = model.llm_sync.blocks
+        self._sync0 = next(iter(blocks.values())).sync
+        self._cache_kw = _cache_name(model.llm)
+        self._generators: dict[str, ImageGenerator] = {}
+        self._negative = None
+        self.reset()
+
+    # ------------------------------------------------------------------------- state
+    def reset(self) -> None:
+        """Start an empty document (``<s>`` only); caches are dropped."""
+        self.ids: list[int] = [self.tok.bos_id]
+        self.images: list[torch.Tensor] = []
+        self.items: list[Any] = []
+        self._fed, self._cache, self._hidden, self._logits = 0, None, [], None
+        self._vis_tokens, self._llm_feats, self._unet_feats = [], [], []
+        self._proj: dict[str, torch.Tensor] = {}
+        self._prepared = None
+        self.stats = {"vision_calls": 0, "llm_tokens": 0, "llm_calls": 0}
+
+    @property
+    def num_images(self) -> int:
+        return len(self.images)
+
+    @property
+    def image_open(self) -> bool:
+        """The document ends with ``<soi>``: the next item must be an image."""
+        return self.ids[-1] == self.tok.soi_id
+
+    @property
+    def has_decoder(self) -> bool:
+        return getattr(self.model, "unet", None) is not None
+
+    def _param(self) -> torch.Tensor:
+        return self.model.llm.get_input_embeddings().weight
+
+    def _room(self, extra: int, what: str) -> None:
+        if len(self.ids) + extra > self.max_length:
+            raise ValueError(f"{what} needs {extra} more tokens but the document holds "
+                             f"{len(self.ids)} of max_length={self.max_length}; start a new "
+                             f"session (reset()) or use a larger max_length")
+
+    def _check_image_room(self, what: str) -> None:
+        limit = self._sync0.max_images - 1
+        if self.num_images + 1 > limit:
+            raise ValueError(f"the document already holds {self.num_images} images; the LLM "
+                             f"synchronizers take at most {limit} (max_images - 1)")
+        self._room(self.k + (0 if self.image_open else 1), what)
+
+    def _not_empty(self, what: str) -> None:
+        if not self.items:
+            raise ValueError(f"{what}: the document is empty; add_text() or add_image() first")
+
+    # ------------------------------------------------------------------------ adding
+    def add_text(self, text: str) -> None:
+        """Append text (tokenised without special tokens).
+
+        Raises:
+            TypeError: ``text`` is not a string. ValueError: it is empty, an image is open,
+                or the document would exceed ``max_length``.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        if self.image_open:
+            raise ValueError("an image is open (the document ends with <soi>): call "
+                             "generate_image() or add_image() first")
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if not ids:
+            raise ValueError(f"text {text!r} has no tokens")
+        self._room(len(ids), "this text")
+        self.ids += ids
+        self.items.append(text)
+
+    def add_image(self, image: Any) -> None:
+        """Append an image (a PIL image, a (c, H, W) tensor in [0, 1] or an image file path);
+        it fills an open ``<soi>`` if there is one. The vision side encodes it once, here.
+
+        Raises:
+            ValueError: unreadable file, bad tensor, too many images, or the document would
+                exceed ``max_length``; nothing is changed then.
+        """
+        if isinstance(image, (str, os.PathLike)):
+            tensor = load_image(image)
+        elif is_image(image):
+            tensor = image_to_tensor(image)
+        else:
+            raise TypeError(f"image must be a PIL image, a (c, H, W) tensor or a path, got "
+                            f"{type(image).__name__}")
+        if tensor.dim() != 3 or tensor.shape[0] not in (1, 3) or not tensor.numel() \
+                or bool(tensor.min() < 0) or bool(tensor.max() > 1):
+            raise ValueError(f"an image tensor must be (c in {{1, 3}}, H, W) in [0, 1], got "
+                             f"shape {tuple(tensor.shape)}")
+        self._check_image_room("this image")
+        if tensor.shape[0] == 1:
+            tensor = tensor.expand(3, -1, -1)
+        self._encode(tensor)
+        self.ids += ([] if self.image_open else [self.tok.soi_id]) + [self.tok.image_id] * self.k
+        self.images.append(tensor)
+        self.items.append(tensor)
+
+    @torch.no_grad()
+    def _encode(self, image: torch.Tensor) -> None:
+        vis = self.model.encode_images(image[None])
+        self.stats["vision_calls"] += 1
+        llm_feats = vis.llm_features[0][0]
+        self._vis_tokens.append(vis.tokens[0])
+        self._llm_feats.append(llm_feats)
+        self._unet_feats.append(vis.unet_features[0][0])
+        for key, block in self.model.llm_sync.blocks.items():
+            proj = block.project_values(llm_feats[None, None])
+            self._proj[key] = proj if key not in self._proj else torch.cat([self._proj[key], proj], 1)
+        self._prepared = None
+
+    # ----------------------------------------------------------------------- the LLM
+    def _features(self) -> torch.Tensor:
+        if self._llm_feats:
+            return torch.stack(self._llm_feats)[None]
+        p = self.model.visual.pos_proj.weight
+        return p.new_zeros(1, 0, self._sync0.tokens_per_image, self._sync0.value_dim)
+
+    def _prepared_values(self):
+        if self._prepared is None and self._proj:
+            self._prepared = {key: block.sync.prepare_values(values=self._proj[key])
+                              for key, block in self.model.llm_sync.blocks.items()}
+        return self._prepared
+
+    def _run(self, ids: torch.Tensor, cache, *, doc: list[int] | None = None):
+        """Run ``ids`` (B, t) after ``cache`` → model output. ``doc``: the document ids the
+        visibility is computed from, the same for every row (default ``self.ids``)."""
+        m = self.model
+        dev = ids.device
+        emb = m.image_tokens.token_embeddings(ids, m.llm.get_input_embeddings())
+        slots = ids == self.tok.image_id
+        r = int(slots.sum()) // self.k
+        if r:
+            vis_tokens = torch.cat(self._vis_tokens[-r:]).to(emb.dtype)
+            emb = emb.masked_scatter(slots[..., None], vis_tokens)
+        doc = torch.tensor(self.ids if doc is None else doc, device=dev)[None]
+        feats = self._features()
+        visibility, _ = image_visibility(doc, soi_id=self.tok.soi_id, image_id=self.tok.image_id,
+                                         bos_id=self.tok.bos_id, m=feats.shape[1])
+        kw = {} if cache is None else {self._cache_kw: cache}
+        with m.sync_handle.vision(feats, visibility, prepared=self._prepared_values()):
+            out = m.llm(inputs_embeds=emb, use_cache=True, output_hidden_states=True,
+                        logits_to_keep=1, **kw)
+        self.stats["llm_tokens"] += ids.numel()
+        self.stats["llm_calls"] += 1
+        cache = getattr(out, "cache", None)
+        return out, (out.past_key_values if cache is None else cache)
+
+    @torch.no_grad()
+    def _feed(self) -> None:
+        """Run the document's tokens that are not in the KV cache yet."""
+        if self._fed == len(self.ids):
+            return
+        new = torch.tensor(self.ids[self._fed:], device=self._param().device)[None]
+        out, self._cache = self._run(new, self._cache)
+        self._hidden.append(out.hidden_states[-1][0])
+        self._logits = out.logits[0, -1]
+        self._fed = len(self.ids)
+
+    def _masked(self, allow_image: bool) -> list[int]:
+        """Tokens text generation never picks: ``<image>`` (only after ``<soi>``), ``<s>``
+        (it would start another document) and, unless allowed, ``<soi>``."""
+        return [self.tok.image_id, self.tok.bos_id] + ([] if allow_image else [self.tok.soi_id])
+
+    def _text_logits(self, allow_image: bool) -> torch.Tensor:
+        logits = self._logits.float().clone()
+        logits[self._masked(allow_image)] = float("-inf")
+        return logits
+
+    # ----------------------------------------------------------------------- text
+    def _start_text(self, max_new_tokens: int, allow_image: bool | None) -> tuple[int, bool]:
+        self._not_empty("generate_text")
+        if self.image_open:
+            raise ValueError("an image is open (the document ends with <soi>): call "
+                             "generate_image() or add_image() first")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        self._room(1, "generating text")
+        allow = self.has_decoder if allow_image is None else bool(allow_image)
+        return min(max_new_tokens, self.max_length - len(self.ids)), allow
+
+    def _tokens(self, max_new: int, allow_image: bool, sampling: SamplingConfig,
+                generator: torch.Generator | None) -> Iterator[int]:
+        stops = (self.tok.eos_id, self.tok.soi_id)
+        for _ in range(max_new):
+            self._feed()
+            token = choose_token(self._text_logits(allow_image), sampling, generator=generator)
+            self.ids.append(token)
+            yield token
+            if token in stops:
+                return
+
+    def _result(self, tokens: list[int]) -> TextResult:
+        stop = tokens[-1] if tokens and tokens[-1] in (self.tok.eos_id, self.tok.soi_id) else None
+        body = tokens[:-1] if stop is not None else tokens
+        text = self.tokenizer.decode(body, skip_special_tokens=True) if body else ""
+        if text:
+            self.items.append(text)
+        return TextResult(text, tokens, stop == self.tok.soi_id, stop == self.tok.eos_id)
+
+    def generate_text(self, max_new_tokens: int = 32, *, do_sample: bool = False,
+                      temperature: float = 1.0, top_k: int | None = None,
+                      top_p: float | None = None, num_beams: int = 1,
+                      length_penalty: float = 1.0, generator: torch.Generator | None = None,
+                      allow_image: bool | None = None) -> TextResult:
+        """Continue the document with text until ``</s>``, ``<soi>`` or ``max_new_tokens``.
+
+        Args:
+            do_sample, temperature, top_k, top_p: see :class:`SamplingConfig`
+                (default greedy); ``generator`` seeds the draws.
+            num_beams, length_penalty: beam search (with ``num_beams > 1``, no sampling).
+            allow_image: let the model open an image (``<soi>``); default: if the model has
+                an image decoder.
+
+        Returns:
+            a :class:`TextResult`; the new tokens are now part of the document.
+        """
+        max_new, allow = self._start_text(max_new_tokens, allow_image)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        if num_beams > 1:
+            if do_sample:
+                raise ValueError("beam search does not sample: use num_beams=1 with do_sample")
+            tokens = self._beam(max_new, allow, num_beams, length_penalty)
+            self.ids += tokens
+        else:
+            tokens = list(self._tokens(max_new, allow, sampling, generator))
+        return self._result(tokens)
+
+    @torch.no_grad()
+    def _beam(self, max_new: int, allow: bool, num_beams: int, length_penalty: float) -> list[int]:
+        self._feed()
+        cache = copy.deepcopy(self._cache)
+        cache.batch_repeat_interleave(num_beams)
+        dev, base = self._param().device, list(self.ids)
+        state = {"seqs": [[] for _ in range(num_beams)]}
+
+        def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
+            idx = torch.cat([parents, parents.new_zeros(num_beams - len(parents))])
+            cache.reorder_cache(idx.to(dev))
+            seqs = [state["seqs"][p] + [t] for p, t in zip(parents.tolist(), tokens.tolist(), strict=True)]
+            seqs += [seqs[0]] * (num_beams - len(seqs))
+            state["seqs"] = seqs
+            # beams never hold <s> or <soi> (masked / stop tokens): one visibility for all
+            step_ids = torch.tensor([s[-1] for s in seqs], device=dev)[:, None]
+            out, _ = self._run(step_ids, cache, doc=base + seqs[0])
+            logits = out.logits[:, -1].float()
+            logits[:, self._masked(allow)] = float("-inf")
+            return logits.log_softmax(-1)[: len(parents)].cpu()
+
+        first = self._text_logits(allow).log_softmax(-1).cpu()
+        return beam_search(step, first, num_beams=num_beams, max_new_tokens=max_new,
+                           stop_ids={self.tok.eos_id, self.tok.soi_id},
+                           length_penalty=length_penalty)
+
+    # ----------------------------------------------------------------------- images
+    def _image_generator(self, scheduler: Any) -> ImageGenerator:
+        m = self.model
+        if scheduler is None:
+            key, sched = "", m.inference_scheduler
+        elif isinstance(scheduler, str):
+            import diffusers
+
+            cls = getattr(diffusers, scheduler, None)
+            if cls is None or not hasattr(cls, "from_config"):
+                raise ValueError(f"scheduler {scheduler!r} is not a diffusers scheduler class")
+            key, sched = scheduler, cls.from_config(m.inference_scheduler.config)
+        else:
+            key, sched = f"id{id(scheduler)}", scheduler
+        if key not in self._generators:
+            self._generators[key] = ImageGenerator(unet=m.unet, scheduler=sched, vae=m.vae,
+                                                   synchronizer=m.unet_sync)
+        return self._generators[key]
+
+    @torch.no_grad()
+    def generate_image(self, *, num_inference_steps: int | None = None,
+                       guidance_scale: float | None = None, scheduler: Any = None,
+                       generator: torch.Generator | None = None):
+        """Draw the next image (opening it with ``<soi>`` if the text did not) and append
+        it to the document; returns it as a PIL image.
+
+        Args:
+            num_inference_steps, guidance_scale: default the config's (30, 7.5 in the paper).
+            scheduler: a diffusers scheduler (instance or class name, e.g.
+                ``"DDIMScheduler"``); default the model's inference scheduler.
+            generator: seeds the initial noise.
+
+        The UNet synchronizers read the document's previous image (none for the first).
+        The image enters the document as its 8-bit version (what a reader of the saved
+        document sees), encoded once by the vision side.
+
+        Raises:
+            ValueError: the model has no image decoder, the document is empty, holds the
+                most images, or has no room for another image; nothing is changed then.
+        """
+        if not self.has_decoder:
+            raise ValueError("this model has no image decoder (unet is None); it can only "
+                             "generate text")
+        self._not_empty("generate_image")
+        self._check_image_room("an image")
+        gen = self._image_generator(scheduler)
+        if not self.image_open:
+            self.ids.append(self.tok.soi_id)
+        self._feed()
+        dc, tok, m = self.model.config.decoder, self.tok, self.model
+        hidden = torch.cat(self._hidden)[None]
+        ids = torch.tensor(self.ids, device=hidden.device)[None]
+        ctx = image_contexts(hidden, ids, soi_id=tok.soi_id, bos_id=tok.bos_id,
+                             max_length=dc.max_context)
+        last = ctx.rows.numel() - 1
+        ehs = m.context_encoder(ctx.hidden_states[last:], ctx.padding_mask[last:],
+                                drop=torch.zeros(1, dtype=torch.bool))
+        if self._negative is None:
+            self._negative = m.context_encoder.negative(1)
+        pyramid = has_image = None
+        if self._unet_feats:
+            pyramid = self._unet_feats[-1][None]
+            has_image = torch.ones(1, dtype=torch.bool, device=pyramid.device)
+        image = gen(ehs, negative_hidden_states=self._negative, pyramid=pyramid,
+                    has_image=has_image,
+                    num_inference_steps=num_inference_steps or dc.num_inference_steps,
+                    guidance_scale=dc.guidance_scale if guidance_scale is None else guidance_scale,
+                    generator=generator)[0]
+        pil = to_pil(image)
+        self.add_image(pil)
+        return pil
+
+    # ------------------------------------------------------------------ whole turns
+    def run(self, max_turns: int = 4, *, max_new_tokens: int = 32,
+            image_kwargs: dict | None = None, **text_kwargs) -> list[Any]:
+        """Let the model write: per turn, text until it stops; if it opened an image,
+        draw it. Stops at ``</s>`` or after ``max_turns`` turns.
+
+        Returns:
+            the new items: text (``str``) and PIL images, in order.
+        """
+        out: list[Any] = []
+        for _ in range(max_turns):
+            result = self.generate_text(max_new_tokens, **text_kwargs)
+            if result.text:
+                out.append(result.text)
+            if result.image_opened:
+                out.append(self.generate_image(**(image_kwargs or {})))
+            elif result.finished or len(self.ids) >= self.max_length:
+                break
+        return out
+
+    def stream(self, max_turns: int = 4, *, max_new_tokens: int = 32,
+               image_kwargs: dict | None = None, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None,
+               allow_image: bool | None = None) -> Iterator[Any]:
+        """:meth:`run`, yielding text pieces as tokens are decoded and each image when it
+        is finished (greedy or sampling; no beams)."""
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        for _ in range(max_turns):
+            max_new, allow = self._start_text(max_new_tokens, allow_image)
+            tokens, shown = [], ""
+            for token in self._tokens(max_new, allow, sampling, generator):
+                tokens.append(token)
+                if token in (self.tok.eos_id, self.tok.soi_id):
+                    break
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+            result = self._result(tokens)
+            if len(result.text) > len(shown) and result.text.startswith(shown):
+                yield result.text[len(shown):]
+            if result.image_opened:
+                yield self.generate_image(**(image_kwargs or {}))
+            elif result.finished or len(self.ids) >= self.max_length:
+                return
