@@ -149,6 +149,19 @@ def make_accelerator(t: dict):
     return Accelerator(cpu=cpu, mixed_precision=modes[prec], kwargs_handlers=[ddp])
 
 
+def check_parallel(t: dict, world: int) -> int:
+    """Samples per process of a micro-batch (``train.batch_size`` split over ``world``)."""
+    bs = t["batch_size"]
+    if bs % world:
+        raise ValueError(f"train.batch_size={bs} must be divisible by the {world} processes")
+    if t["noise"] not in ("stream", "per_batch"):
+        raise ValueError(f"train.noise must be 'stream' or 'per_batch', got {t['noise']!r}")
+    if t["noise"] == "stream" and world > 1:
+        raise ValueError("train.noise='stream' is one generator in one process; "
+                         f"use train.noise=per_batch with {world} processes")
+    return bs // world
+
+
 def noise_generator(t: dict, step: int, micro: int, stream: torch.Generator) -> torch.Generator:
     """The generator for the diffusion noise, timesteps and context dropout of one
     micro-batch. ``train.noise: stream``: one generator for the whole run (one process
@@ -184,15 +197,8 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         torch.set_num_threads(int(t["threads"]))
     acc = make_accelerator(t)
     world, rank = acc.num_processes, acc.process_index
-    bs, accum = t["batch_size"], t["grad_accum"]
-    if bs % world:
-        raise ValueError(f"train.batch_size={bs} must be divisible by the {world} processes")
-    if t["noise"] not in ("stream", "per_batch"):
-        raise ValueError(f"train.noise must be 'stream' or 'per_batch', got {t['noise']!r}")
-    if t["noise"] == "stream" and world > 1:
-        raise ValueError("train.noise='stream' is one generator in one process; "
-                         f"use train.noise=per_batch with {world} processes")
-    mb, global_batch = bs // world, bs * accum
+    mb, global_batch = check_parallel(t, world), t["batch_size"] * t["grad_accum"]
+    accum = t["grad_accum"]
     logger.info("process %d of %d (%s on %s): %d samples per micro-batch, %d per step", rank,
                 world, acc.distributed_type.value, acc.device, mb, global_batch)
     torch.manual_seed(t["seed"])

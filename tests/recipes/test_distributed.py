@@ -85,13 +85,91 @@ def test_two_processes_match_one_and_resume_in_one(tmp_path):
     assert (two / "checkpoints" / "latest").read_text() == "step_000005"
 
 
-def test_batch_must_split_over_processes(tmp_path):
-    run = _launch_two(tmp_path, ["train.batch_size=5", "train.steps=1"])
-    assert run.returncode != 0
-    assert "train.batch_size=5 must be divisible by the 2 processes" in run.stderr + run.stdout
+def test_parallel_settings_are_checked():
+    t = {"batch_size": 6, "noise": "per_batch"}
+    assert train.check_parallel(t, 2) == 3 and train.check_parallel(t, 1) == 6
+    with pytest.raises(ValueError, match="batch_size=5 must be divisible by the 2 processes"):
+        train.check_parallel({**t, "batch_size": 5}, 2)
+    with pytest.raises(ValueError, match="use train.noise=per_batch with 2 processes"):
+        train.check_parallel({**t, "noise": "stream"}, 2)
+    assert train.check_parallel({**t, "noise": "stream"}, 1) == 6
+    with pytest.raises(ValueError, match="'stream' or 'per_batch'"):
+        train.check_parallel({**t, "noise": "fresh"}, 1)
 
 
-def test_stream_noise_is_single_process_only(tmp_path):
-    run = _launch_two(tmp_path, ["train.noise=stream", "train.steps=1"])
-    assert run.returncode != 0
-    assert "train.noise=per_batch" in run.stderr + run.stdout
+def _web_shards(root: Path) -> list[str]:
+    """Two MMC4 JSONL shards and one tar shard of pairs, in the shapes vocabulary."""
+    import io
+    import json
+    import tarfile
+
+    from PIL import Image
+
+    colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    (root / "img").mkdir(parents=True)
+    for name, rgb in colors.items():
+        Image.new("RGB", (16, 16), rgb).save(root / "img" / f"{name}.png")
+    for shard in range(2):
+        with open(root / f"docs_{shard}.jsonl", "w") as f:
+            for i in range(12):
+                a, b = list(colors)[(i + shard) % 3], list(colors)[(i + 1) % 3]
+                f.write(json.dumps({"text_list": [f"a {a} square.", f"now the same in {b}."],
+                                    "image_info": [
+                                        {"image_name": f"{a}.png", "matched_text_index": 0,
+                                         "matched_sim": 0.3},
+                                        {"image_name": f"{b}.png", "matched_text_index": 1,
+                                         "matched_sim": 0.3}]}) + "\n")
+    with tarfile.open(root / "pairs_0.tar", "w") as tar:
+        for i in range(12):
+            buf = io.BytesIO()
+            Image.new("RGB", (16, 16), list(colors.values())[i % 3]).save(buf, "PNG")
+            for name, blob in ((f"{i:03d}.png", buf.getvalue()),
+                               (f"{i:03d}.txt", f"a {list(colors)[i % 3]} circle".encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    datasets = [{"name": "mmc4", "kind": "mmc4", "shards": str(root / "docs_*.jsonl"),
+                 "images": str(root / "img"), "weight": 2, "max_images": 2,
+                 "single_image_keep": 1.0},
+                {"name": "pairs", "kind": "pairs", "shards": str(root / "pairs_*.tar"),
+                 "weight": 1}]
+    return ["data.source=webdata", "data.max_images=3", "data.epochs=null",
+            f"data.datasets={json.dumps(datasets)}"]
+
+
+def test_streamed_web_data_resumes_exactly(tmp_path):
+    """MMC4 + pair shards, mixed and packed: an interrupted run resumes at the next rows."""
+    web = _web_shards(tmp_path / "data")
+    common = COMMON + web + ["train.batch_size=2", "train.steps=4", "train.noise=stream"]
+    full = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'a'}"])
+    train.train(full)
+    part = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'b'}",
+                                                             "train.stop_after=2"])
+    train.train(part)
+    state = torch.load(tmp_path / "b" / "checkpoints" / "step_000002" / "trainer.pt",
+                       weights_only=False)
+    (position,) = state["data"]                                  # one process
+    assert position["slots"] and position["num_slots"] == 1
+    part["train"]["stop_after"] = None
+    train.train(part, resume=True)
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    assert a[3] != a[2]
+
+
+def test_streamed_web_data_splits_over_two_processes(tmp_path):
+    """Each process reads its own slot of the shards; their positions are checkpointed and
+    a resume with another number of processes is refused (the slots would not line up)."""
+    web = _web_shards(tmp_path / "data")
+    run = _launch_two(tmp_path / "run", [*web, "train.batch_size=4", "train.steps=2"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_000002" / "trainer.pt",
+                       weights_only=False)
+    assert [sorted(s["slots"]) for s in state["data"]] == [[0], [1]]
+    assert {s["num_slots"] for s in state["data"]} == {2}
+    cfg = train.load_config(train.DEFAULT_CONFIG, COMMON + web + [
+        "train.batch_size=2", "train.steps=3", f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(ValueError, match="positions of 2 processes; resume it with that many"):
+        train.train(cfg, resume=True)
