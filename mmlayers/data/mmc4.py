@@ -53,7 +53,8 @@ def load_image(source: Any, image_size: int | None) -> Any:
         float32 (3, image_size, image_size) in [0, 1].
 
     Raises:
-        Whatever PIL raises for a missing or undecodable image (readers catch and count it).
+        Exception: whatever PIL raises for a missing or undecodable image (readers catch
+            and count it).
 
     Examples:
         >>> import io
