@@ -11,6 +11,12 @@ from mmlayers.data.collate import (
     interleaved_labels,
 )
 from mmlayers.data.document import Document, image_to_tensor, is_image
+from mmlayers.data.images import read_image, to_pil
+from mmlayers.data.inference_format import (
+    GENERATE_MODES,
+    GenerationRequest,
+    read_generation_requests,
+)
 from mmlayers.data.mmc4 import MMC4Reader, load_image
 from mmlayers.data.packing import InterleavedStream, PackedRow, RowPacker, StreamingLoader
 from mmlayers.data.pairs import IMAGE_EXTENSIONS, PairReader, tar_samples
@@ -42,6 +48,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "InterleavedStream", "MMC4Reader", "Mixture", "PackedRow", "PairReader",
     "ReadStats", "RowPacker", "ShardedSource", "StreamingLoader", "data_slot", "load_image",
     "tar_samples",
+    "GENERATE_MODES", "GenerationRequest", "read_generation_requests", "read_image", "to_pil",
     "COLORS", "IGNORE_INDEX", "IMAGE_TOKEN", "KINDS", "POSITIONS", "SHAPES", "SIZES",
     "SOI_TOKEN", "Document", "ImageScore", "InterleavedBatch", "InterleavedCollator",
     "ShapeAttributes", "ShapesCorpus", "caption_matches", "describe_image",

@@ -40,9 +40,9 @@ import torch
 from mmlayers.adapters.context import image_contexts
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
 from mmlayers.data.document import image_to_tensor, is_image
+from mmlayers.data.images import read_image, to_pil
 from mmlayers.layers.visibility import image_visibility
 from mmlayers.models.decoding import SamplingConfig, beam_search, choose_token
-from mmlayers.models.images import load_image, to_pil
 
 __all__ = ["InterleavedSession", "TextResult"]
 
@@ -197,7 +197,7 @@ class InterleavedSession:
                 exceed ``max_length``; nothing is changed then.
         """
         if isinstance(image, (str, os.PathLike)):
-            tensor = load_image(image)
+            tensor = read_image(image)
         elif is_image(image):
             tensor = image_to_tensor(image)
         else:

@@ -11,17 +11,17 @@ import torch
 
 from mmlayers.data.document import image_to_tensor
 
-__all__ = ["load_image", "to_pil"]
+__all__ = ["read_image", "to_pil"]
 
 
-def load_image(path: str | os.PathLike) -> torch.Tensor:
+def read_image(path: str | os.PathLike) -> torch.Tensor:
     """An image file → float (3, H, W) in [0, 1] (RGB).
 
     Examples:
         >>> import tempfile, os
         >>> path = os.path.join(tempfile.mkdtemp(), "x.png")
         >>> to_pil(torch.ones(3, 2, 4) * 0.5).save(path)
-        >>> image = load_image(path)
+        >>> image = read_image(path)
         >>> tuple(image.shape), round(image[0, 0, 0].item(), 3)   # 128 / 255
         ((3, 2, 4), 0.502)
 
