@@ -160,7 +160,7 @@ class ShardedSource:
         rnd, epoch, j, start = pos["round"], pos["epoch"], pos["shard"], pos["record"]
         while self.epochs is None or epoch < self.epochs:
             paths, select = self.assignment(epoch, slot, num_slots, rnd)
-            yielded = False
+            yielded = j > 0 or start > 0  # a resumed epoch proves nothing about emptiness
             while j < len(paths):
                 for i, doc in self.reader(paths[j], start=start, select=select,
                                           seed=f"{self.seed}:{rnd}:{epoch}", stats=counts):

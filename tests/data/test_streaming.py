@@ -249,3 +249,13 @@ def test_resume_in_process_and_slot_mismatch():
     u.load_state_dict(state)
     with pytest.raises(ValueError, match="1 slots"):
         next(iter(u))
+
+
+def test_endless_source_resumed_at_an_epoch_end_goes_on():
+    src = ShardedSource(["a", "b"], _reader(3), shuffle=False, epochs=None)
+    it = src.iterate(0, 1)
+    head = [next(it) for _ in range(6)]  # records 0, 1, 2 (bad: 3 ≥ n) of a and b
+    assert head[-1][1] == {"round": 0, "epoch": 0, "shard": 1, "record": 3}
+    more = [d.texts[0] for d, _ in zip((d for d, _ in src.iterate(0, 1, head[-1][1])),
+                                       range(3), strict=False)]
+    assert [(t.split()[0]) for t in more] == ["ax0", "ax1", "ax2"]  # epoch 1 starts over
