@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from _data import build_data  # noqa: E402
+from _policy import checkpoint_llm, store_frozen_in  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
 from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer  # noqa: E402
@@ -213,6 +214,9 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
                          "set train.eval_every=0")
     dev = acc.device
     model.to(dev).train()
+    store_frozen_in(model, t.get("frozen_dtype"))
+    if model.config.llm.gradient_checkpointing:
+        checkpoint_llm(model)
     opt, sched = make_optimizer(model, t)
     model, opt = acc.prepare(model, opt)                  # the schedule steps once per step
     core = acc.unwrap_model(model)

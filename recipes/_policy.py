@@ -1,0 +1,58 @@
+"""Training policy helpers for ``recipes/train.py`` (memory, not maths).
+
+- :func:`checkpoint_llm`: gradient checkpointing of the LLM's decoder layers that works with
+  the feature synchronizers. The synchronizers read the images from a context that
+  :class:`~mmlayers.models.MMInterleaved` opens around the LLM call and closes before
+  ``backward()``; plain checkpointing would recompute the layers without images (and
+  ``torch.utils.checkpoint`` then fails: a different number of tensors saved). Here the
+  recomputation re-opens the context that was active during the original forward
+  (``torch.utils.checkpoint``'s ``context_fn``).
+- :func:`store_frozen_in`: keep the frozen weights in bf16 / fp16 (the trainable ones stay
+  fp32 for the optimizer; autocast computes in low precision anyway).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = ["checkpoint_llm", "store_frozen_in"]
+
+
+def checkpoint_llm(model) -> None:
+    """Enable non-reentrant gradient checkpointing of ``model.llm`` with the images of the
+    synchronizers restored during recomputation."""
+    # The adapter keeps its active vision contexts in a stack (mmlayers.adapters.llm); the
+    # library has no public hook for checkpointing yet, so this reads it directly.
+    stack = model.sync_handle._stack
+
+    def context_fn():
+        saved = list(stack)
+
+        @contextlib.contextmanager
+        def recompute():
+            before = list(stack)
+            stack[:] = saved
+            try:
+                yield
+            finally:
+                stack[:] = before
+
+        return contextlib.nullcontext(), recompute()
+
+    model.llm.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+
+
+def store_frozen_in(model, dtype: str | None) -> None:
+    """Cast every parameter with ``requires_grad=False`` to ``dtype`` (``"bf16"`` /
+    ``"fp16"``; ``None``: leave as is)."""
+    if dtype is None:
+        return
+    kinds = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype not in kinds:
+        raise ValueError(f"train.frozen_dtype must be null, 'bf16' or 'fp16', got {dtype!r}")
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(kinds[dtype])
