@@ -1,0 +1,163 @@
+"""Continue interleaved documents with a saved model: text, images, or both in turns.
+
+    python recipes/generate.py --model out/shapes_tiny/model --input requests.json --out gen/
+
+``--input`` is JSON in the official MM-Interleaved inference format (``sentences``,
+``images``, ``sentence_ixs``, ``image_first``, ``generate_mode``, ``num_iter``) or ours
+(``items``, ``generate``: text | image | interleaved, ``turns``; see
+:mod:`mmlayers.data.inference_format`). Each request runs in an
+:class:`~mmlayers.models.InterleavedSession` (KV cache and image features kept across
+turns). Writes ``<out>/results.json`` (per request: the document as text and image files,
+which items are generated), ``<out>/images/*.png`` and ``<out>/index.html``.
+
+Everything is checked (model directory, request file, every image) before any
+generation, and the output is written to a temporary directory that is renamed to
+``--out`` at the end, so a failed run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import png_data_uri  # noqa: E402
+
+from mmlayers.data import read_generation_requests, to_pil  # noqa: E402
+from mmlayers.models import InterleavedSession, MMInterleaved  # noqa: E402
+
+logger = logging.getLogger("generate")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="directory written by save_pretrained")
+    p.add_argument("--input", required=True, help="JSON requests (official format or ours)")
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: config)")
+    p.add_argument("--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler")
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--sample", action="store_true", help="sample text (default greedy)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return p.parse_args(argv)
+
+
+def load(args):
+    """Requests, then the model: every input problem surfaces before generation starts."""
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {str(out)!r} exists and is not an empty directory")
+    requests = read_generation_requests(args.input)
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r} has no config.json (a directory written by "
+                         f"MMInterleaved.save_pretrained is expected)")
+    model = MMInterleaved.from_pretrained(args.model, train_policy=False)
+    model = model.to(args.device, getattr(torch, args.dtype)).eval()
+    if model.tokenizer is None:
+        raise ValueError(f"--model {args.model!r} was saved without a tokenizer")
+    if getattr(model, "unet", None) is None:
+        bad = [i for i, r in enumerate(requests) if r.generate != "text"]
+        if bad:
+            raise ValueError(f"requests {bad} ask for images but the model has no image decoder")
+    return requests, model
+
+
+def run_request(model, req, args) -> list[tuple[object, bool]]:
+    """→ the document as (item, generated?) pairs."""
+    o = req.options
+    seed = o.get("seed", args.seed)
+    gen = torch.Generator().manual_seed(seed)
+    image_kw = dict(num_inference_steps=o.get("num_inference_steps", args.steps),
+                    guidance_scale=o.get("guidance_scale", args.guidance),
+                    scheduler=args.scheduler, generator=gen)
+    text_kw = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
+                   num_beams=args.num_beams, generator=torch.Generator().manual_seed(seed))
+    max_new = o.get("max_new_tokens", args.max_new_tokens)
+    session = InterleavedSession(model)
+    for item in req.items:
+        (session.add_text if isinstance(item, str) else session.add_image)(item)
+    start = len(session.items)
+    if req.generate == "interleaved":
+        session.run(req.turns, max_new_tokens=max_new, image_kwargs=image_kw, **text_kw)
+    for _ in range(req.turns if req.generate != "interleaved" else 0):
+        if req.generate == "image":
+            session.generate_image(**image_kw)
+        elif session.generate_text(max_new, allow_image=False, **text_kw).finished:
+            break
+    return [(item, i >= start) for i, item in enumerate(session.items)]
+
+
+def write(out: Path, docs, requests) -> None:
+    e = html.escape
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        (tmp / "images").mkdir()
+        results = []
+        parts = ["<!doctype html><meta charset='utf-8'><title>mmlayers generation</title>"
+                 "<style>body{font-family:sans-serif;margin:2em}img{width:160px;"
+                 "vertical-align:middle;margin:4px;border:1px solid #ccc}.gen{background:"
+                 "#eef6ff}.doc{border-bottom:1px solid #ddd;padding:1em 0}</style>"
+                 "<h1>Generated documents</h1><p>Generated items have a blue background.</p>"]
+        for i, (doc, req) in enumerate(zip(docs, requests, strict=True)):
+            items, n_img = [], 0
+            parts.append(f"<div class='doc'><h2>Request {i} ({e(req.generate)})</h2>")
+            for item, generated in doc:
+                cls = " class='gen'" if generated else ""
+                if isinstance(item, str):
+                    items.append({"text": item, "generated": generated})
+                    parts.append(f"<span{cls}>{e(item)}</span> ")
+                else:
+                    name = f"images/{i:03d}_{n_img:02d}.png"
+                    to_pil(item).save(tmp / name)
+                    n_img += 1
+                    items.append({"image": name, "generated": generated})
+                    parts.append(f"<img{cls} src='{png_data_uri(item)}' alt='{name}'>")
+            parts.append("</div>")
+            results.append({"request": i, "generate": req.generate, "items": items})
+        (tmp / "results.json").write_text(json.dumps(results, indent=1))
+        (tmp / "index.html").write_text("\n".join(parts))
+        if out.exists():
+            out.rmdir()  # checked empty in load()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def main(argv: list[str] | None = None) -> list:
+    args = parse(argv)
+    try:
+        requests, model = load(args)
+    except ValueError as err:
+        raise SystemExit(f"generate.py: {err}") from None
+    docs = []
+    for i, req in enumerate(requests):
+        logger.info("request %d/%d: %s, %d turn(s)", i + 1, len(requests), req.generate, req.turns)
+        try:
+            docs.append(run_request(model, req, args))
+        except ValueError as err:  # e.g. the context length; nothing has been written
+            raise SystemExit(f"generate.py: request {i}: {err}") from None
+    write(Path(args.out), docs, requests)
+    logger.info("wrote %s", args.out)
+    return docs
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()
