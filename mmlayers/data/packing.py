@@ -51,6 +51,12 @@ class PackedRow:
         opens: per piece, whether it starts with its document's ``<s>`` (False for the
             continuation of a document cut in the previous row).
         state: where the stream continues after this row (``{"at", "offset"}``).
+
+    Examples:
+        >>> row = PackedRow(input_ids=[7, 2, 1, 4, 5, 5], no_loss=[False] * 6, images=["img"],
+        ...                 soi=[3], segments=[0, 2], opens=[False, True])
+        >>> len(row), row.opens  # the end of a document cut earlier, then a new one
+        (6, [False, True])
     """
 
     input_ids: list[int] = field(default_factory=list)
@@ -309,6 +315,24 @@ class StreamingLoader:
             stream batches).
 
     ``state_dict()`` / ``load_state_dict()`` / ``stats()`` forward to the stream.
+
+    Examples:
+        >>> import torch
+        >>> from mmlayers.data import (Document, InterleavedCollator, ShardedSource,
+        ...                            word_level_tokenizer)
+        >>> def reader(path, *, start, select, seed, stats):
+        ...     for i in range(start, 6):
+        ...         if select is None or select(i):
+        ...             yield i, Document([f"{path} {i}.", torch.zeros(3, 4, 4)])
+        >>> tok = word_level_tokenizer(["a b 0 1 2 3 4 5."])
+        >>> collate = InterleavedCollator(tokenizer=tok, num_image_tokens=2, max_length=16)
+        >>> stream = InterleavedStream(ShardedSource(["a", "b"], reader, shuffle=False),
+        ...                            collate, batch_size=2)
+        >>> loader = StreamingLoader(stream, num_workers=2)
+        >>> [b.data_state["slot"] for b in loader]  # worker 0 reads shard a, worker 1 shard b
+        [0, 1, 0, 1]
+        >>> loader.state_dict()["slots"][1]["at"]["position"]  # its first shard, read to the end
+        {'round': 0, 'epoch': 0, 'shard': 0, 'record': 6}
     """
 
     def __init__(self, stream: InterleavedStream, *, num_workers: int = 0, **kwargs: Any) -> None:

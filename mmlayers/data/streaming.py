@@ -108,8 +108,9 @@ class ShardedSource:
         seed: base seed of the shard order and of the reader's per-record randomness.
         epochs: passes over the data; ``None`` streams forever.
 
-    Position: ``{"round", "epoch", "shard", "record"}`` (``round`` counts restarts by a
-    :class:`Mixture`).
+    Position: ``{"round", "epoch", "shard", "record"}``: ``shard`` indexes the slot's own
+    shards of that epoch, ``record`` is the next record to read in it, ``round`` counts
+    restarts by a :class:`Mixture`.
 
     Raises:
         ValueError: no shards, or ``epochs`` not a positive int or None.
