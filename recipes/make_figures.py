@@ -116,8 +116,11 @@ def architecture(path: Path) -> None:
     box(1, 3, 21, 9, "context of the next image:\nhidden states from the latest\n"
         "<s> to its <soi>, reversed;\nLinear + 1-D sincos", "trained", size=8)
     box(27, 3, 15, 9, "resampler\n77 queries\n(1 layer)", "trained", size=8)
-    box(47, 2, 21, 10, "UNet (SD-2.1-base)\n77 vectors as its text context\n"
-        "MMFS on each skip + mid,\nzero-init 1×1 conv residual", "new", size=8)
+    box(47, 1.5, 21, 11, "", "trained")
+    ax.text(57.5, 10.2, "UNet (SD-2.1-base)\n77 vectors as its text context", ha="center",
+            va="center", fontsize=8, linespacing=1.3)
+    box(48.3, 2.3, 18.4, 4.6, "MMFS on each skip + mid,\nzero-init 1×1 conv residual",
+        "new", size=7.5)
     box(77, 4, 21, 7, "diffusion MSE  (weight 10)", "loss")
     arrow((11.5, 17.4), (11.5, 12.6))
     arrow((22.6, 7.5), (26.4, 7.5))
