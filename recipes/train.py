@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from _data import build_data  # noqa: E402
+from _parallel import check_parallel, make_accelerator, noise_generator, prepare  # noqa: E402
 from _policy import checkpoint_llm, store_frozen_in  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
@@ -131,48 +132,6 @@ def make_optimizer(model: MMInterleaved, t: dict):
 
 
 # ------------------------------------------------------------------------------ train
-def make_accelerator(t: dict):
-    """An ``accelerate.Accelerator`` for ``train.device`` / ``train.precision``; the process
-    group (DDP with gloo on CPU, NCCL on GPUs, FSDP, DeepSpeed) comes from the launcher."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    if t["device"] not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"train.device must be 'auto', 'cpu' or 'cuda', got {t['device']!r}")
-    cpu = t["device"] == "cpu" or (t["device"] == "auto" and not torch.cuda.is_available())
-    prec = t["precision"]
-    if prec == "auto":
-        prec = "fp32" if cpu else "fp16"
-    modes = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-    if prec not in modes:
-        raise ValueError(f"train.precision must be one of auto, {', '.join(modes)}; got {prec!r}")
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=t.get("find_unused_parameters", True))
-    return Accelerator(cpu=cpu, mixed_precision=modes[prec], kwargs_handlers=[ddp])
-
-
-def check_parallel(t: dict, world: int) -> int:
-    """Samples per process of a micro-batch (``train.batch_size`` split over ``world``)."""
-    bs = t["batch_size"]
-    if bs % world:
-        raise ValueError(f"train.batch_size={bs} must be divisible by the {world} processes")
-    if t["noise"] not in ("stream", "per_batch"):
-        raise ValueError(f"train.noise must be 'stream' or 'per_batch', got {t['noise']!r}")
-    if t["noise"] == "stream" and world > 1:
-        raise ValueError("train.noise='stream' is one generator in one process; "
-                         f"use train.noise=per_batch with {world} processes")
-    return bs // world
-
-
-def noise_generator(t: dict, step: int, micro: int, stream: torch.Generator) -> torch.Generator:
-    """The generator for the diffusion noise, timesteps and context dropout of one
-    micro-batch. ``train.noise: stream``: one generator for the whole run (one process
-    only). ``per_batch``: seeded from (seed, step, global micro-batch index), so the noise of
-    a sample does not depend on how many processes share the batch."""
-    if t["noise"] == "stream":
-        return stream
-    return torch.Generator().manual_seed((t["seed"] * 1_000_003 + step) * 65_537 + micro)
-
-
 def evaluate(model, held_out, collate, dev, t: dict) -> dict:
     """Loss on a fixed held-out batch (fixed noise) and greedy caption accuracy."""
     model.eval()
@@ -213,12 +172,12 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         raise ValueError("train.eval_every needs data.source=shapes (its held-out captions); "
                          "set train.eval_every=0")
     dev = acc.device
-    model.to(dev).train()
     store_frozen_in(model, t.get("frozen_dtype"))
+    model.to(dev).train()
     if model.config.llm.gradient_checkpointing:
         checkpoint_llm(model)
     opt, sched = make_optimizer(model, t)
-    model, opt = acc.prepare(model, opt)                  # the schedule steps once per step
+    model, opt, divisor = prepare(acc, model, opt, t, micro_batch=mb)
     core = acc.unwrap_model(model)
     gen = torch.Generator().manual_seed(t["seed"])
     step, samples = 0, 0
@@ -240,7 +199,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             with acc.no_sync(model) if a < accum - 1 else contextlib.nullcontext():
                 with acc.autocast():
                     o = model(batch, generator=g)
-                acc.backward(o.loss / accum)
+                acc.backward(o.loss / divisor)
             for k in sums:
                 sums[k] += getattr(o, k).item() / accum
         if world > 1:                                           # mean over processes
