@@ -81,7 +81,15 @@ def test_import_md_then_plot(tmp_path):
     assert [p.name for p in plot_benchmarks.main(["--data", str(out.parent)])] == ["llm.svg"]
 
 
-def test_sampling_points_are_the_layers_own(tmp_path):
+@pytest.fixture
+def own_registry(monkeypatch):
+    """make_figures registers a pass-through backend: keep it out of the other tests."""
+    from mmlayers.ops import deform_attn
+
+    monkeypatch.setattr(deform_attn, "_REGISTRY", dict(deform_attn._REGISTRY))
+
+
+def test_sampling_points_are_the_layers_own(own_registry):
     """At init the offsets are the bias: loc = 0.5 + bias / base_size at every level."""
     torch.manual_seed(0)
     sync = FeatureSynchronizer(dim=16, query_dim=8, value_dim=4, heads=2, points=3,
@@ -95,7 +103,7 @@ def test_sampling_points_are_the_layers_own(tmp_path):
     assert per_head.shape == (2,) and bool(((per_head > 0.5) & (per_head < 1.0)).all())
 
 
-def test_make_figures_runs(tmp_path):
+def test_make_figures_runs(tmp_path, own_registry):
     pytest.importorskip("matplotlib")
     make_figures.main(["--out", str(tmp_path)])
     assert (tmp_path / "architecture.svg").read_text().count("<text") > 20
