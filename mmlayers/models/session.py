@@ -300,11 +300,14 @@ class InterleavedSession:
         return min(max_new_tokens, self.max_length - len(self.ids)), allow
 
     def _tokens(self, max_new: int, allow_image: bool, sampling: SamplingConfig,
-                generator: torch.Generator | None) -> Iterator[int]:
+                generator: torch.Generator | None, min_new: int = 0) -> Iterator[int]:
         stops = (self.tok.eos_id, self.tok.soi_id)
-        for _ in range(max_new):
+        for i in range(max_new):
             self._feed()
-            token = choose_token(self._text_logits(allow_image), sampling, generator=generator)
+            logits = self._text_logits(allow_image)
+            if i < min_new:
+                logits[list(stops)] = float("-inf")
+            token = choose_token(logits, sampling, generator=generator)
             self.ids.append(token)
             yield token
             if token in stops:
@@ -322,7 +325,7 @@ class InterleavedSession:
                       temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, num_beams: int = 1,
                       length_penalty: float = 1.0, generator: torch.Generator | None = None,
-                      allow_image: bool | None = None) -> TextResult:
+                      allow_image: bool | None = None, min_new_tokens: int = 0) -> TextResult:
         """Continue the document with text until ``</s>``, ``<soi>`` or ``max_new_tokens``.
 
         Args:
@@ -331,6 +334,8 @@ class InterleavedSession:
             num_beams, length_penalty: beam search (with ``num_beams > 1``, no sampling).
             allow_image: let the model open an image (``<soi>``); default: if the model has
                 an image decoder.
+            min_new_tokens: ``</s>`` and ``<soi>`` are not chosen before this many tokens
+                (greedy and sampling).
 
         Returns:
             a :class:`TextResult`; the new tokens are now part of the document.
@@ -343,7 +348,7 @@ class InterleavedSession:
             tokens = self._beam(max_new, allow, num_beams, length_penalty)
             self.ids += tokens
         else:
-            tokens = list(self._tokens(max_new, allow, sampling, generator))
+            tokens = list(self._tokens(max_new, allow, sampling, generator, min_new_tokens))
         return self._result(tokens)
 
     @torch.no_grad()
