@@ -7,6 +7,9 @@
   ``torch.utils.checkpoint`` then fails: a different number of tensors saved). Here the
   recomputation re-opens the context that was active during the original forward
   (``torch.utils.checkpoint``'s ``context_fn``).
+- :func:`checkpoint_unet`: diffusers' own gradient checkpointing of the UNet blocks (the
+  UNet synchronizers' residuals enter through the UNet's public inputs, so nothing to
+  restore).
 - :func:`store_frozen_in`: keep the frozen weights in bf16 / fp16 (the trainable ones stay
   fp32 for the optimizer; autocast computes in low precision anyway).
 """
@@ -17,7 +20,7 @@ import contextlib
 
 import torch
 
-__all__ = ["checkpoint_llm", "store_frozen_in"]
+__all__ = ["checkpoint_llm", "checkpoint_unet", "store_frozen_in"]
 
 
 def checkpoint_llm(model) -> None:
@@ -43,6 +46,11 @@ def checkpoint_llm(model) -> None:
 
     model.llm.gradient_checkpointing_enable(
         gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+
+
+def checkpoint_unet(model) -> None:
+    """Recompute the UNet's blocks in backward (``UNet2DConditionModel``'s public switch)."""
+    model.unet.enable_gradient_checkpointing()
 
 
 def store_frozen_in(model, dtype: str | None) -> None:

@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from _data import build_data  # noqa: E402
 from _parallel import check_parallel, make_accelerator, noise_generator, prepare  # noqa: E402
-from _policy import checkpoint_llm, store_frozen_in  # noqa: E402
+from _policy import checkpoint_llm, checkpoint_unet, store_frozen_in  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
 from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer  # noqa: E402
@@ -176,6 +176,8 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     model.to(dev).train()
     if model.config.llm.gradient_checkpointing:
         checkpoint_llm(model)
+    if t.get("checkpoint_unet"):
+        checkpoint_unet(model)
     opt, sched = make_optimizer(model, t)
     model, opt, divisor = prepare(acc, model, opt, t, micro_batch=mb)
     core = acc.unwrap_model(model)

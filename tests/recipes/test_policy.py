@@ -26,15 +26,17 @@ def _restore_threads():
 
 
 def test_gradient_checkpointing_keeps_the_images_and_the_numbers(tmp_path):
-    """Plain checkpointing recomputes the LLM layers without the images (the synchronizer
+    """LLM and UNet checkpointing. Plain LLM checkpointing recomputes the LLM layers without the images (the synchronizer
     context is closed before backward) and torch raises; the recipe's checkpointing gives
     the same losses and gradient norms as no checkpointing (recomputation is the same
     arithmetic; float noise only)."""
     plain = train.load_config(train.DEFAULT_CONFIG, COMMON + [f"train.out_dir={tmp_path / 'a'}"])
     train.train(plain)
     ckpt = train.load_config(train.DEFAULT_CONFIG, COMMON + [
-        f"train.out_dir={tmp_path / 'b'}", "model.overrides.llm.gradient_checkpointing=true"])
+        f"train.out_dir={tmp_path / 'b'}", "model.overrides.llm.gradient_checkpointing=true",
+        "train.checkpoint_unet=true"])
     result = train.train(ckpt)
+    assert result["model"].unet.is_gradient_checkpointing
     assert any(getattr(m, "gradient_checkpointing", False) for m in result["model"].llm.modules())
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
     assert sorted(a) == sorted(b) == [1, 2, 3]
