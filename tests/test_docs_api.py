@@ -69,7 +69,7 @@ def test_every_stub_resolves():
 
 
 # (namespace, name) pairs whose attribute is known to be wrong; each has its own test below
-KNOWN_BROKEN = {("mmlayers.adapters", "diffusion_loss")}
+KNOWN_BROKEN: set[tuple[str, str]] = set()
 
 
 @pytest.mark.parametrize("namespace", NAMESPACES)
@@ -89,12 +89,15 @@ def test_the_check_can_fail():
                     modules)
 
 
-@pytest.mark.xfail(strict=True, reason="the submodule mmlayers/adapters/diffusion_loss.py "
-                   "shadows the lazy name: once mmlayers.adapters.diffusion is imported, "
-                   "mmlayers.adapters.diffusion_loss is the module, not the function")
 def test_adapters_diffusion_loss_is_the_function():
+    # a submodule named like a lazy name would shadow it once imported (it was
+    # adapters/diffusion_loss.py; now adapters/diffusion_objective.py)
     import mmlayers.adapters as adapters
     import mmlayers.adapters.diffusion  # noqa: F401  (what any UNet user imports)
 
     assert callable(adapters.diffusion_loss)
-    assert adapters.diffusion_loss is resolve("mmlayers.adapters.diffusion_loss.diffusion_loss")
+    assert adapters.diffusion_loss is resolve("mmlayers.adapters.diffusion_objective.diffusion_loss")
+    import pkgutil
+
+    submodules = {m.name for m in pkgutil.iter_modules(adapters.__path__)}
+    assert not submodules & set(adapters.__all__)

@@ -33,7 +33,7 @@ Example:
 from __future__ import annotations
 
 from mmlayers.adapters.context import ImageContextEncoder, ImageContexts, image_contexts
-from mmlayers.adapters.diffusion_loss import diffusion_loss, encode_latents
+from mmlayers.adapters.diffusion_objective import diffusion_loss, encode_latents
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
 from mmlayers.adapters.skip_sync import SkipSynchronizer
 from mmlayers.adapters.unet_sync import UNetSynchronizer

@@ -26,7 +26,7 @@ import inspect
 import torch
 from torch import nn
 
-from mmlayers.adapters.diffusion_loss import _check_context
+from mmlayers.adapters.diffusion_objective import _check_context
 
 __all__ = ["ImageGenerator"]
 

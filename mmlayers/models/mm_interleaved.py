@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlayers.adapters.context import image_contexts
-from mmlayers.adapters.diffusion_loss import diffusion_loss
+from mmlayers.adapters.diffusion_objective import diffusion_loss
 from mmlayers.adapters.image_tokens import ImageTokens
 from mmlayers.adapters.llm import attach_synchronizers
 from mmlayers.layers.visibility import image_visibility

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmlayers.adapters.diffusion_loss import diffusion_loss
+from mmlayers.adapters.diffusion_objective import diffusion_loss
 from mmlayers.data import Document, InterleavedCollator, render_shapes, word_level_tokenizer
 from mmlayers.data.shapes import ShapeAttributes
 from mmlayers.models import MMInterleaved, MMInterleavedConfig
