@@ -50,9 +50,10 @@ class OfficialFormulation(nn.Module):
     """The official MMFS computation order, with the official parameter shapes."""
 
     def __init__(self, *, dim, query_dim, value_dim, heads, points, level_sizes, base_size,
-                 max_images=50):
+                 max_images=50, backend=None):
         super().__init__()
         self.heads, self.points, self.level_sizes, self.base = heads, points, level_sizes, base_size
+        self.backend = backend
         n_lv = len(level_sizes)
         self.dynamic_offset_mask = nn.Linear(query_dim, query_dim)
         self.query_relpos = nn.Embedding(max_images, query_dim)
@@ -80,7 +81,8 @@ class OfficialFormulation(nn.Module):
                            torch.full_like(logit[..., -1:], -math.log(m * n_lv))), dim=-1)
         w = rearrange(logit, "b n h m l p -> b n h (m l p)").softmax(-1)
         w = rearrange(w, "b n h (m l p) -> b n h (m l) p", m=m, l=n_lv)[..., :-1]
-        out = multi_scale_deformable_attention(value, [(s, s) for s in sizes] * m, None, loc, w)
+        out = multi_scale_deformable_attention(value, [(s, s) for s in sizes] * m, None, loc, w,
+                                               backend=self.backend)
         return self.output_proj(out)  # the ignore slots add weight × 0
 
 
