@@ -132,7 +132,7 @@ class InterleavedSession:
         self._fed, self._cache, self._hidden, self._logits = 0, None, [], None
         self._vis_tokens, self._llm_feats, self._unet_feats = [], [], []
         self._proj: dict[str, torch.Tensor] = {}
-        self._prepared = None
+        self._prepared = self._stacked = self._text_row = None
         self.stats = {"vision_calls": 0, "llm_tokens": 0, "llm_calls": 0}
 
     @property
@@ -226,14 +226,33 @@ class InterleavedSession:
         for key, block in self.model.llm_sync.blocks.items():
             proj = block.project_values(llm_feats[None, None])
             self._proj[key] = proj if key not in self._proj else torch.cat([self._proj[key], proj], 1)
-        self._prepared = None
+        self._prepared = self._stacked = self._text_row = None
 
     # ----------------------------------------------------------------------- the LLM
     def _features(self) -> torch.Tensor:
-        if self._llm_feats:
-            return torch.stack(self._llm_feats)[None]
-        p = self.model.visual.pos_proj.weight
-        return p.new_zeros(1, 0, self._sync0.tokens_per_image, self._sync0.value_dim)
+        if self._stacked is None:
+            p = self.model.visual.pos_proj.weight
+            self._stacked = (torch.stack(self._llm_feats)[None] if self._llm_feats else
+                             p.new_zeros(1, 0, self._sync0.tokens_per_image, self._sync0.value_dim))
+        return self._stacked
+
+    def _visibility(self, ids: torch.Tensor) -> torch.Tensor:
+        """Visibility of the rows of ``ids`` (B, t), the document's next tokens: (1, m) if
+        they are all plain text (each then sees what a text token at the document's end
+        sees, kept until the images change), else (1, n, m) over the whole document."""
+        t, m = self.tok, len(self._llm_feats)
+        special = torch.tensor([t.bos_id, t.soi_id, t.image_id], device=ids.device)
+        if not bool(torch.isin(ids, special).any()):
+            if self._text_row is None:
+                doc = torch.tensor(self.ids[:self._fed] + [t.eos_id], device=ids.device)[None]
+                vis, _ = image_visibility(doc, soi_id=t.soi_id, image_id=t.image_id,
+                                          bos_id=t.bos_id, m=m)
+                self._text_row = vis[:, -1]
+            return self._text_row
+        self._text_row = None
+        doc = torch.tensor(self.ids, device=ids.device)[None]
+        vis, _ = image_visibility(doc, soi_id=t.soi_id, image_id=t.image_id, bos_id=t.bos_id, m=m)
+        return vis
 
     def _prepared_values(self):
         if self._prepared is None and self._proj:
@@ -241,21 +260,17 @@ class InterleavedSession:
                               for key, block in self.model.llm_sync.blocks.items()}
         return self._prepared
 
-    def _run(self, ids: torch.Tensor, cache, *, doc: list[int] | None = None):
-        """Run ``ids`` (B, t) after ``cache`` → model output. ``doc``: the document ids the
-        visibility is computed from, the same for every row (default ``self.ids``)."""
+    def _run(self, ids: torch.Tensor, cache):
+        """Run ``ids`` (B, t), the document's next tokens (or the beams'), after ``cache``
+        → (model output, cache)."""
         m = self.model
-        dev = ids.device
         emb = m.image_tokens.token_embeddings(ids, m.llm.get_input_embeddings())
         slots = ids == self.tok.image_id
         r = int(slots.sum()) // self.k
         if r:
             vis_tokens = torch.cat(self._vis_tokens[-r:]).to(emb.dtype)
             emb = emb.masked_scatter(slots[..., None], vis_tokens)
-        doc = torch.tensor(self.ids if doc is None else doc, device=dev)[None]
-        feats = self._features()
-        visibility, _ = image_visibility(doc, soi_id=self.tok.soi_id, image_id=self.tok.image_id,
-                                         bos_id=self.tok.bos_id, m=feats.shape[1])
+        feats, visibility = self._features(), self._visibility(ids)
         kw = {} if cache is None else {self._cache_kw: cache}
         with m.sync_handle.vision(feats, visibility, prepared=self._prepared_values()):
             out = m.llm(inputs_embeds=emb, use_cache=True, output_hidden_states=True,
@@ -356,18 +371,14 @@ class InterleavedSession:
         self._feed()
         cache = copy.deepcopy(self._cache)
         cache.batch_repeat_interleave(num_beams)
-        dev, base = self._param().device, list(self.ids)
-        state = {"seqs": [[] for _ in range(num_beams)]}
+        dev = self._param().device
 
         def step(tokens: torch.Tensor, parents: torch.Tensor) -> torch.Tensor:
-            idx = torch.cat([parents, parents.new_zeros(num_beams - len(parents))])
-            cache.reorder_cache(idx.to(dev))
-            seqs = [state["seqs"][p] + [t] for p, t in zip(parents.tolist(), tokens.tolist(), strict=True)]
-            seqs += [seqs[0]] * (num_beams - len(seqs))
-            state["seqs"] = seqs
-            # beams never hold <s> or <soi> (masked / stop tokens): one visibility for all
-            step_ids = torch.tensor([s[-1] for s in seqs], device=dev)[:, None]
-            out, _ = self._run(step_ids, cache, doc=base + seqs[0])
+            pad = num_beams - len(parents)   # fewer open hypotheses: repeat the first one
+            cache.reorder_cache(torch.cat([parents, parents[:1].expand(pad)]).to(dev))
+            step_ids = torch.cat([tokens, tokens[:1].expand(pad)]).to(dev)[:, None]
+            # beams never hold <s> or <soi> (masked / stop tokens): all rows are plain text
+            out, _ = self._run(step_ids, cache)
             logits = out.logits[:, -1].float()
             logits[:, self._masked(allow)] = float("-inf")
             return logits.log_softmax(-1)[: len(parents)].cpu()

@@ -13,8 +13,10 @@ measured in the same run:
   token.
 
 Outputs are compared (token ids and 8-bit images) before timing; the table states whether
-they are equal. Wall time is the median of ``--repeats`` runs; peak memory is the
-process's resident-set high-water mark above the start of each run.
+they are equal. Times are process CPU seconds (median of ``--repeats`` runs): on a shared
+machine other jobs inflate wall time, and with ``--threads 1`` CPU time is what the work
+costs. Peak memory is the process's resident-set high-water mark above the start of each
+run.
 
     python recipes/benchmark.py session [--threads 1] [--tokens 32] [--steps 10]
 """
@@ -118,9 +120,9 @@ class _Loop:
 
 
 def _timed(clock: dict, key: str, fn, *args, **kwargs):
-    t = time.perf_counter()
+    t = time.process_time()
     out = fn(*args, **kwargs)
-    clock[key] = clock.get(key, 0.0) + time.perf_counter() - t
+    clock[key] = clock.get(key, 0.0) + time.process_time() - t
     return out
 
 
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{mem / 2**20:.1f}", "yes" if equal else "NO"])
     print(f"# session benchmark, {date.today()}, tiny model, prompt + text {args.tokens} tokens, "
           f"image {args.steps} steps, text, image; threads {torch.get_num_threads()}")
-    print(format_table(["way", "total s", "× session", "text turns s", "× session",
+    print(format_table(["way", "total CPU s", "× session", "text turns s", "× session",
                         "image turns s", "peak MiB", "same output"], rows))
 
 
