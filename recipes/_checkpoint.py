@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["load_checkpoint", "save_checkpoint", "sharded"]
+__all__ = ["load_checkpoint", "save_checkpoint", "save_model", "sharded"]
 
 
 def sharded(accelerator) -> bool:
@@ -49,15 +49,10 @@ def save_checkpoint(out: Path, step: int, samples: int, accelerator, model, opt,
     accelerator.wait_for_everyone()
     if sharded(accelerator):
         accelerator.save_state(str(tmp / "engine"))
-    full = accelerator.get_state_dict(model) if sharded(accelerator) else None
+    save_model(accelerator, model, tmp)
     local = data.state_dict()
     data_states = gather_object([local]) if accelerator.num_processes > 1 else [local]
     if main:
-        unwrapped = accelerator.unwrap_model(model)
-        if full is None:
-            unwrapped.save_pretrained(tmp)
-        else:
-            _save_full(unwrapped, full, tmp)
         scaler = accelerator.scaler
         torch.save({"step": step, "samples": samples,
                     "optimizer": None if sharded(accelerator) else opt.state_dict(),
@@ -75,6 +70,18 @@ def save_checkpoint(out: Path, step: int, samples: int, accelerator, model, opt,
         for old in sorted(ckpt.glob("step_??????"))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
+
+
+def save_model(accelerator, model, directory: Path) -> None:
+    """``save_pretrained`` into ``directory`` by the main process (call on every process:
+    sharded engines gather the full state dict first)."""
+    full = accelerator.get_state_dict(model) if sharded(accelerator) else None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        if full is None:
+            unwrapped.save_pretrained(directory)
+        else:
+            _save_full(unwrapped, full, Path(directory))
 
 
 def _save_full(unwrapped, state: dict, directory: Path) -> None:

@@ -36,7 +36,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from _checkpoint import load_checkpoint, save_checkpoint, save_model  # noqa: E402
 from _data import build_data  # noqa: E402
 from _parallel import check_parallel, make_accelerator, noise_generator, prepare  # noqa: E402
 from _policy import checkpoint_llm, checkpoint_unet, store_frozen_in  # noqa: E402
@@ -240,7 +240,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             break
     if acc.is_main_process:
         metrics.close()
-        core.save_pretrained(out / "model")
+    save_model(acc, model, out / "model")
     acc.wait_for_everyone()
     return {"model": core, "tokenizer": tokenizer, "held_out": held_out, "history": history,
             "seconds": time.perf_counter() - start}
