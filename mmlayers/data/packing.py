@@ -312,7 +312,13 @@ class StreamingLoader:
         stream: the stream.
         num_workers: dataloader worker processes (each is its own slot).
         **kwargs: passed to ``torch.utils.data.DataLoader`` (``batch_size`` is None: the
-            stream batches).
+            stream batches). ``persistent_workers`` must stay False: a persistent worker
+            would start its next pass from what it *produced*, prefetched batches included,
+            not from what the loop consumed.
+
+    Raises:
+        TypeError: ``stream`` is not an :class:`InterleavedStream`.
+        ValueError: ``persistent_workers=True`` or a ``batch_size``.
 
     ``state_dict()`` / ``load_state_dict()`` / ``stats()`` forward to the stream.
 
@@ -338,6 +344,11 @@ class StreamingLoader:
     def __init__(self, stream: InterleavedStream, *, num_workers: int = 0, **kwargs: Any) -> None:
         if not isinstance(stream, InterleavedStream):
             raise TypeError(f"stream must be an InterleavedStream, got {type(stream).__name__}")
+        if kwargs.get("persistent_workers") or kwargs.get("batch_size") is not None:
+            raise ValueError(f"StreamingLoader needs persistent_workers=False and no batch_size "
+                             f"(the stream batches), got persistent_workers="
+                             f"{kwargs.get('persistent_workers')}, batch_size="
+                             f"{kwargs.get('batch_size')}")
         self.stream = stream
         self.loader = DataLoader(stream, batch_size=None, num_workers=num_workers, **kwargs)
 

@@ -259,3 +259,13 @@ def test_endless_source_resumed_at_an_epoch_end_goes_on():
     more = [d.texts[0] for d, _ in zip((d for d, _ in src.iterate(0, 1, head[-1][1])),
                                        range(3), strict=False)]
     assert [(t.split()[0]) for t in more] == ["ax0", "ax1", "ax2"]  # epoch 1 starts over
+
+
+def test_streaming_loader_refuses_persistent_workers():
+    tok = _tok(["a"], 2)
+    collate = InterleavedCollator(tokenizer=tok, num_image_tokens=K, max_length=16)
+    stream = InterleavedStream(ShardedSource(["a"], _reader(2)), collate, batch_size=1)
+    with pytest.raises(ValueError, match="persistent_workers=True"):
+        StreamingLoader(stream, num_workers=1, persistent_workers=True)
+    with pytest.raises(TypeError, match="InterleavedStream"):
+        StreamingLoader([1, 2])
