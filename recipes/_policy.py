@@ -11,7 +11,9 @@
   UNet synchronizers' residuals enter through the UNet's public inputs, so nothing to
   restore).
 - :func:`store_frozen_in`: keep the frozen weights in bf16 / fp16 (the trainable ones stay
-  fp32 for the optimizer; autocast computes in low precision anyway).
+  fp32 for the optimizer; autocast computes in low precision anyway), or in fp32 (FSDP
+  shards groups of one dtype; ``transformers`` loads a checkpoint in its stored dtype,
+  fp16 for Vicuna).
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ def checkpoint_unet(model) -> None:
 
 
 def store_frozen_in(model, dtype: str | None) -> None:
-    """Cast every parameter with ``requires_grad=False`` to ``dtype`` (``"bf16"`` /
-    ``"fp16"``; ``None``: leave as is)."""
+    """Cast every parameter with ``requires_grad=False`` to ``dtype`` (``"bf16"``,
+    ``"fp16"`` or ``"fp32"``; ``None``: leave as is)."""
     if dtype is None:
         return
-    kinds = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    kinds = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     if dtype not in kinds:
-        raise ValueError(f"train.frozen_dtype must be null, 'bf16' or 'fp16', got {dtype!r}")
+        raise ValueError(f"train.frozen_dtype must be null, 'bf16', 'fp16' or 'fp32', got {dtype!r}")
     for p in model.parameters():
         if not p.requires_grad:
             p.data = p.data.to(kinds[dtype])

@@ -50,5 +50,8 @@ def test_frozen_weights_in_bf16():
     store_frozen_in(model, "bf16")
     assert [p.dtype for p in model.parameters()] == [torch.bfloat16] * 2 + [torch.float32] * 2
     store_frozen_in(model, None)
-    with pytest.raises(ValueError, match="frozen_dtype must be null, 'bf16' or 'fp16'"):
+    assert model[0].weight.dtype == torch.bfloat16
+    store_frozen_in(model, "fp32")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match="frozen_dtype must be null, 'bf16', 'fp16' or 'fp32'"):
         store_frozen_in(model, "int8")
