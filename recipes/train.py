@@ -15,7 +15,8 @@ Several processes (DDP, FSDP, DeepSpeed; gloo on CPU) through ``accelerate``:
 
 ``train.batch_size`` is the global micro-batch (split evenly over the processes), so the
 samples of each step do not depend on the number of processes; a checkpoint written by N
-processes (without a sharding engine) resumes in any number.
+processes resumes in any number with the shapes data and no sharding engine (streamed
+web data and FSDP / DeepSpeed state: the same number).
 """
 
 from __future__ import annotations
