@@ -8,7 +8,8 @@ One JSON object per line (the MMC4 release format)::
      "image_info": [{"image_name": "abc.jpg", "matched_text_index": 1,
                      "matched_sim": 0.31}, ...], ...}
 
-Images are read from ``image_root / image_name``. The filtering follows the official
+Shards may be plain ``.jsonl``, gzipped (``.jsonl.gz``) or zipped (``.jsonl.zip``, one file
+inside, as MMC4 is distributed). Images are read from ``image_root / image_name``. The filtering follows the official
 MM-Interleaved loader (values of its pre-training config as defaults):
 
 1. images whose ``matched_sim`` is below ``sim_threshold`` (0.24) are dropped;
@@ -27,10 +28,13 @@ missing or unreadable images and filtered documents are skipped and counted in a
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import logging
 import os
 import random
+import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -75,6 +79,23 @@ def load_image(source: Any, image_size: int | None) -> Any:
         return image_to_tensor(im).clamp_(0, 1)
 
 
+def _open_text(path: str | os.PathLike) -> io.TextIOBase:
+    """A text stream over a ``.jsonl`` file, a ``.gz`` of one, or a ``.zip`` holding one."""
+    path = os.fspath(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+    if path.endswith(".zip"):
+        archive = zipfile.ZipFile(path)
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        if len(names) != 1:
+            archive.close()
+            raise ValueError(f"{path}: expected one JSONL file in the zip, found {names}")
+        member = archive.open(names[0])
+        archive.close()  # the member keeps the file open until it is closed itself
+        return io.TextIOWrapper(member, encoding="utf-8", errors="replace")
+    return open(path, encoding="utf-8", errors="replace")
+
+
 def _check_prob(name: str, p: float) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
         raise ValueError(f"{name} must be a probability in [0, 1], got {p!r}")
@@ -95,7 +116,8 @@ class MMC4Reader:
         seed: base seed (a :class:`~mmlayers.data.ShardedSource` passes its own per epoch).
 
     Call it as ``reader(path, start=0, select=None, seed=None, stats=None)``: yields
-    ``(line_index, Document)``; ``Document.meta`` holds ``source`` (``"file:line"``) and
+    ``(line_index, Document)``; ``Document.meta`` holds ``source`` (``"file:line"``, the
+    file name without ``.gz`` / ``.zip``, which also seeds the record's randomness) and
     ``image_names``. :meth:`read` returns the documents of a shard as a list.
 
     Raises:
@@ -146,15 +168,24 @@ class MMC4Reader:
                  stats: ReadStats | None = None) -> Iterator[tuple[int, Document]]:
         stats = stats if stats is not None else ReadStats()
         seed = self.seed if seed is None else seed
-        name = os.path.basename(os.fspath(path))
+        name = os.path.basename(os.fspath(path)).removesuffix(".gz").removesuffix(".zip")
         try:
-            f = open(path, encoding="utf-8", errors="replace")
-        except OSError as e:
+            f = _open_text(path)
+        except (OSError, zipfile.BadZipFile, ValueError) as e:
             stats["unreadable_shard"] += 1
             logger.warning("cannot open MMC4 shard %s: %s", path, e)
             return
+        lines, i = enumerate(f), -1
         with f:
-            for i, line in enumerate(f):
+            while True:
+                try:
+                    i, line = next(lines)
+                except StopIteration:
+                    return
+                except (OSError, EOFError, zipfile.BadZipFile) as e:  # a truncated archive
+                    stats["unreadable_shard"] += 1
+                    logger.warning("MMC4 shard %s: stopped after line %d: %s", path, i, e)
+                    return
                 if i < start or not line.strip() or (select is not None and not select(i)):
                     continue
                 stats["records"] += 1

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import zipfile
 
 import pytest
 from PIL import Image
@@ -139,3 +141,34 @@ def test_bad_arguments(tmp_path):
         MMC4Reader(tmp_path, single_image_keep=1.5)
     with pytest.raises(ValueError, match="max_images"):
         MMC4Reader(tmp_path, max_images=0)
+
+
+def test_gzip_and_zip_shards_read_like_plain_ones(tmp_path):
+    _images(tmp_path)
+    lines = [_line([f"Doc {i}.", "More."], [("r.png", 0, 0.5), ("b.png", 1, 0.5)])
+             for i in range(30)]
+    plain = _write(tmp_path / "d.jsonl", lines)
+    gz = tmp_path / "d.jsonl.gz"
+    gz.write_bytes(gzip.compress(plain.read_bytes()))
+    zipped = tmp_path / "d.jsonl.zip"
+    with zipfile.ZipFile(zipped, "w", zipfile.ZIP_DEFLATED) as z:
+        z.write(plain, "d.jsonl")
+    reader = MMC4Reader(tmp_path, image_size=2)
+    want = [(i, _layout(d)) for i, d in reader(plain)]
+    assert len(want) == 30
+    for path in (gz, zipped):
+        assert [(i, _layout(d)) for i, d in reader(path)] == want
+    # a gzip cut short: the lines before the cut, then one unreadable_shard
+    cut = tmp_path / "cut.jsonl.gz"
+    data = gz.read_bytes()
+    cut.write_bytes(data[: len(data) * 2 // 3])
+    stats = ReadStats()
+    got = [i for i, _ in reader(cut, stats=stats)]
+    assert 0 < len(got) < 30 and got == list(range(len(got)))
+    assert stats["unreadable_shard"] == 1 and stats["bad_json"] <= 1
+    bad = tmp_path / "two.jsonl.zip"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("a.jsonl", lines[0])
+        z.writestr("b.jsonl", lines[1])
+    stats = ReadStats()
+    assert list(reader(bad, stats=stats)) == [] and stats == {"unreadable_shard": 1}
