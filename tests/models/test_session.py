@@ -91,8 +91,8 @@ class ReencodeOracle:
         logits[[self.t.image_id, self.t.bos_id] + ([] if allow else [self.t.soi_id])] = -math.inf
         return logits
 
-    def generate_text(self, max_new, sampling=SamplingConfig(), generator=None):
-        new = []
+    def generate_text(self, max_new, sampling=None, generator=None):
+        sampling, new = sampling or SamplingConfig(), []
         for _ in range(max_new):
             logits = self.forward()[2][0, -1]
             token = choose_token(self.masked(logits), sampling, generator=generator)
@@ -207,7 +207,8 @@ def test_stream_yields_what_run_returns(fp64):
     assert ids_a == ids_b
     merged = []  # consecutive text pieces joined: one text item per turn
     for is_text, group in itertools.groupby(streamed, key=lambda x: isinstance(x, str)):
-        merged += ["".join(group)] if is_text else list(group)
+        items = list(group)
+        merged += ["".join(items)] if is_text else items
     assert len(merged) == len(plain)
     for a, b in zip(plain, merged, strict=True):
         assert a == b if isinstance(a, str) else torch.equal(u8(a), u8(b))
@@ -353,3 +354,18 @@ def test_beam_search_finds_the_best_sequence_exhaustively():
     # with as many beams as sequences, beam search is exhaustive
     assert beam_search(step, table[4], num_beams=125, max_new_tokens=steps, stop_ids=stop) \
         == list(best)
+
+
+def test_min_new_tokens_holds_back_the_stop_tokens(fp64):
+    model, _ = fp64
+    t = model.config.tokens
+    session = InterleavedSession(model)
+    session.add_text("a red circle")
+    with torch.no_grad():
+        model.image_tokens.head.bias[0] = 1e4   # <soi> would win at once
+        try:
+            got = session.generate_text(6, min_new_tokens=3)
+        finally:
+            model.image_tokens.head.bias[0] = 0.0
+    assert len(got.token_ids) == 4 and got.token_ids[-1] == t.soi_id and got.image_opened
+    assert not {t.soi_id, t.eos_id} & set(got.token_ids[:3])
