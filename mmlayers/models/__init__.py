@@ -12,10 +12,10 @@ from mmlayers.models.config import (
     TokenConfig,
     VisionConfig,
 )
-from mmlayers.models.decoding import SamplingConfig, beam_search, choose_token
+from mmlayers.models.decoding import SamplingConfig, TextResult, beam_search, choose_token
 from mmlayers.models.memory import build_on_meta, parameter_report
 from mmlayers.models.mm_interleaved import MMInterleaved, MMInterleavedOutput
-from mmlayers.models.session import InterleavedSession, TextResult
+from mmlayers.models.session import InterleavedSession
 
 __all__ = ["DecoderConfig", "InterleavedSession", "LLMConfig", "LossConfig", "MMInterleaved",
            "MMInterleavedConfig", "MMInterleavedOutput", "SamplingConfig", "TextResult",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "beam_search", "choose_token"]
+__all__ = ["SamplingConfig", "TextResult", "beam_search", "choose_token"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,23 @@ class SamplingConfig:
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+
+
+@dataclass
+class TextResult:
+    """What :meth:`InterleavedSession.generate_text` returns.
+
+    Attributes:
+        text: the decoded new text (special tokens left out).
+        token_ids: every new token id, including a final ``</s>`` or ``<soi>``.
+        image_opened: decoding stopped at ``<soi>``: an image is open.
+        finished: decoding stopped at ``</s>``.
+    """
+
+    text: str
+    token_ids: list[int]
+    image_opened: bool
+    finished: bool
 
 
 def choose_token(logits: torch.Tensor, config: SamplingConfig = SamplingConfig(), *,

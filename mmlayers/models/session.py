@@ -32,7 +32,6 @@ import copy
 import inspect
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -42,26 +41,10 @@ from mmlayers.adapters.diffusion_sampling import ImageGenerator
 from mmlayers.data.document import image_to_tensor, is_image
 from mmlayers.data.images import read_image, to_pil
 from mmlayers.layers.visibility import image_visibility
-from mmlayers.models.decoding import SamplingConfig, beam_search, choose_token
+from mmlayers.models._turns import TurnsMixin
+from mmlayers.models.decoding import SamplingConfig, TextResult, beam_search, choose_token
 
 __all__ = ["InterleavedSession", "TextResult"]
-
-
-@dataclass
-class TextResult:
-    """What :meth:`InterleavedSession.generate_text` returns.
-
-    Attributes:
-        text: the decoded new text (special tokens left out).
-        token_ids: every new token id, including a final ``</s>`` or ``<soi>``.
-        image_opened: decoding stopped at ``<soi>``: an image is open.
-        finished: decoding stopped at ``</s>``.
-    """
-
-    text: str
-    token_ids: list[int]
-    image_opened: bool
-    finished: bool
 
 
 def _cache_name(llm) -> str:
@@ -69,7 +52,7 @@ def _cache_name(llm) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-class InterleavedSession:
+class InterleavedSession(TurnsMixin):
     """An interleaved document (text and images) that an :class:`MMInterleaved` extends.
 
     Args:
@@ -459,50 +442,3 @@ class InterleavedSession:
         pil = to_pil(image)
         self.add_image(pil)
         return pil
-
-    # ------------------------------------------------------------------ whole turns
-    def run(self, max_turns: int = 4, *, max_new_tokens: int = 32,
-            image_kwargs: dict | None = None, **text_kwargs) -> list[Any]:
-        """Let the model write: per turn, text until it stops; if it opened an image,
-        draw it. Stops at ``</s>`` or after ``max_turns`` turns.
-
-        Returns:
-            the new items: text (``str``) and PIL images, in order.
-        """
-        out: list[Any] = []
-        for _ in range(max_turns):
-            result = self.generate_text(max_new_tokens, **text_kwargs)
-            if result.text:
-                out.append(result.text)
-            if result.image_opened:
-                out.append(self.generate_image(**(image_kwargs or {})))
-            elif result.finished or len(self.ids) >= self.max_length:
-                break
-        return out
-
-    def stream(self, max_turns: int = 4, *, max_new_tokens: int = 32,
-               image_kwargs: dict | None = None, do_sample: bool = False,
-               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-               generator: torch.Generator | None = None,
-               allow_image: bool | None = None) -> Iterator[Any]:
-        """:meth:`run`, yielding text pieces as tokens are decoded and each image when it
-        is finished (greedy or sampling; no beams)."""
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
-        for _ in range(max_turns):
-            max_new, allow = self._start_text(max_new_tokens, allow_image)
-            tokens, shown = [], ""
-            for token in self._tokens(max_new, allow, sampling, generator):
-                tokens.append(token)
-                if token in (self.tok.eos_id, self.tok.soi_id):
-                    break
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if text.startswith(shown) and len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
-            result = self._result(tokens)
-            if len(result.text) > len(shown) and result.text.startswith(shown):
-                yield result.text[len(shown):]
-            if result.image_opened:
-                yield self.generate_image(**(image_kwargs or {}))
-            elif result.finished or len(self.ids) >= self.max_length:
-                return

@@ -1,0 +1,63 @@
+"""Whole turns of an :class:`~mmlayers.models.session.InterleavedSession`: ``run`` and
+``stream`` (the model decides when to draw an image)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from mmlayers.models.decoding import SamplingConfig
+
+__all__ = ["TurnsMixin"]
+
+
+class TurnsMixin:
+    """``run()`` / ``stream()`` on top of the session's ``generate_text`` / ``generate_image``."""
+
+    def run(self, max_turns: int = 4, *, max_new_tokens: int = 32,
+            image_kwargs: dict | None = None, **text_kwargs) -> list[Any]:
+        """Let the model write: per turn, text until it stops; if it opened an image,
+        draw it. Stops at ``</s>`` or after ``max_turns`` turns.
+
+        Returns:
+            the new items: text (``str``) and PIL images, in order.
+        """
+        out: list[Any] = []
+        for _ in range(max_turns):
+            result = self.generate_text(max_new_tokens, **text_kwargs)
+            if result.text:
+                out.append(result.text)
+            if result.image_opened:
+                out.append(self.generate_image(**(image_kwargs or {})))
+            elif result.finished or len(self.ids) >= self.max_length:
+                break
+        return out
+
+    def stream(self, max_turns: int = 4, *, max_new_tokens: int = 32,
+               image_kwargs: dict | None = None, do_sample: bool = False,
+               temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+               generator: torch.Generator | None = None,
+               allow_image: bool | None = None) -> Iterator[Any]:
+        """:meth:`run`, yielding text pieces as tokens are decoded and each image when it
+        is finished (greedy or sampling; no beams)."""
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        for _ in range(max_turns):
+            max_new, allow = self._start_text(max_new_tokens, allow_image)
+            tokens, shown = [], ""
+            for token in self._tokens(max_new, allow, sampling, generator):
+                tokens.append(token)
+                if token in (self.tok.eos_id, self.tok.soi_id):
+                    break
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if text.startswith(shown) and len(text) > len(shown):
+                    yield text[len(shown):]
+                    shown = text
+            result = self._result(tokens)
+            if len(result.text) > len(shown) and result.text.startswith(shown):
+                yield result.text[len(shown):]
+            if result.image_opened:
+                yield self.generate_image(**(image_kwargs or {}))
+            elif result.finished or len(self.ids) >= self.max_length:
+                return
