@@ -6,7 +6,8 @@
   ``backward()``; plain checkpointing would recompute the layers without images (and
   ``torch.utils.checkpoint`` then fails: a different number of tensors saved). Here the
   recomputation re-opens the context that was active during the original forward
-  (``torch.utils.checkpoint``'s ``context_fn``).
+  (``SynchronizerHandle.checkpoint_context_fn``, ``torch.utils.checkpoint``'s
+  ``context_fn``).
 - :func:`checkpoint_unet`: diffusers' own gradient checkpointing of the UNet blocks (the
   UNet synchronizers' residuals enter through the UNet's public inputs, so nothing to
   restore).
@@ -18,8 +19,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 __all__ = ["checkpoint_llm", "checkpoint_unet", "store_frozen_in"]
@@ -27,27 +26,10 @@ __all__ = ["checkpoint_llm", "checkpoint_unet", "store_frozen_in"]
 
 def checkpoint_llm(model) -> None:
     """Enable non-reentrant gradient checkpointing of ``model.llm`` with the images of the
-    synchronizers restored during recomputation."""
-    # The adapter keeps its active vision contexts in a stack (mmlayers.adapters.llm); the
-    # library has no public hook for checkpointing yet, so this reads it directly.
-    stack = model.sync_handle._stack
-
-    def context_fn():
-        saved = list(stack)
-
-        @contextlib.contextmanager
-        def recompute():
-            before = list(stack)
-            stack[:] = saved
-            try:
-                yield
-            finally:
-                stack[:] = before
-
-        return contextlib.nullcontext(), recompute()
-
-    model.llm.gradient_checkpointing_enable(
-        gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+    synchronizers restored during recomputation (what ``llm.gradient_checkpointing: true``
+    in the model config does when the model is built)."""
+    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": model.sync_handle.checkpoint_context_fn})
 
 
 def checkpoint_unet(model) -> None:

@@ -256,8 +256,9 @@ class SynchronizerHandle:
         A batch of ``k·b`` rows (``generate`` with beams or several returned sequences
         repeats every row k times in place) reads image row ``i // k``. Nested blocks are
         allowed; the innermost wins. The context is removed on exit, also after exceptions.
-        If gradient checkpointing is on, call ``backward()`` inside the block (the
-        recomputation needs the images).
+        With gradient checkpointing, either call ``backward()`` inside the block or enable
+        checkpointing with :meth:`checkpoint_context_fn` (the recomputation needs the
+        images).
         """
         self._check_vision(features, visibility)
         ctx = _VisionContext(features, None if visibility is None else visibility.bool(),
@@ -274,6 +275,31 @@ class SynchronizerHandle:
             yield
         finally:
             self._stack.remove(ctx)
+
+    def checkpoint_context_fn(self):
+        """``context_fn`` for non-reentrant ``torch.utils.checkpoint`` of the decoder layers.
+
+        Checkpointed layers are recomputed during ``backward()``, usually after the
+        ``with handle.vision(...)`` block has closed; the recomputation then would not see
+        the images (and checkpointing fails: different tensors saved). This returns the pair
+        (forward context, recompute context) that re-opens, during recomputation, the image
+        contexts active at the original forward. Use it as::
+
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "context_fn": handle.checkpoint_context_fn})
+        """
+        saved = list(self._stack)
+
+        @contextlib.contextmanager
+        def recompute():
+            before = list(self._stack)
+            self._stack[:] = saved
+            try:
+                yield
+            finally:
+                self._stack[:] = before
+
+        return contextlib.nullcontext(), recompute()
 
     def _check_vision(self, features, visibility) -> None:
         sync = next(iter(self.blocks.values())).sync

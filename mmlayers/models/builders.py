@@ -41,9 +41,7 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
         llm = AutoModelForCausalLM.from_pretrained(cfg.path, local_files_only=True)
     else:
         llm = AutoModelForCausalLM.from_config(_hf_config(cfg.config, "llm"))
-    if cfg.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return llm
+    return llm  # gradient checkpointing is enabled by MMInterleaved, with the synchronizers
 
 
 def build_visual(cfg: VisionConfig, *, llm_dim: int) -> nn.Module:

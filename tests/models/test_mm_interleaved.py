@@ -327,3 +327,25 @@ def test_tiny_unet_starts_blind_to_the_context(tok):
     assert torch.equal(a, b)
     assert zero_cross_attention(m.unet) == len(attn2)
     assert MMInterleavedConfig.paper_13b("l", "v", "s").decoder.zero_init_cross_attention is False
+
+
+def test_llm_gradient_checkpointing_keeps_the_images(tok, batch):
+    # backward() runs after the synchronizers' image context has closed; the recomputed
+    # layers must still read the images (else torch.utils.checkpoint raises)
+    grads = []
+    for ckpt in (False, True):
+        cfg = micro_config(len(tok))
+        cfg.llm.gradient_checkpointing = ckpt
+        cfg.llm.freeze = False
+        torch.manual_seed(0)
+        model = MMInterleaved.from_config(cfg, tokenizer=tok).train()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("gate"):
+                    p.fill_(0.5)
+        model(batch, generator=torch.Generator().manual_seed(0)).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert any(n.startswith("llm.") for n in grads[1])
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
