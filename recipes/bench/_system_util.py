@@ -18,12 +18,10 @@ from mmlayers.adapters.llm import SynchronizerBlock
 from mmlayers.adapters.skip_sync import SkipSynchronizer
 from mmlayers.data.collate import InterleavedBatch
 from mmlayers.layers.synchronizer import FeatureSynchronizer
-from mmlayers.layers.visibility import image_visibility
-from mmlayers.models.mm_interleaved import per_row_features
 
 from bench.sync import OfficialFormulation
 
-__all__ = ["PARTS", "ModelFlops", "OfficialSync", "keep_vision_for_backward", "part_shares",
+__all__ = ["PARTS", "ModelFlops", "OfficialSync", "part_shares",
            "peak_bf16_tflops", "set_sync_backend", "synthetic_batch", "use_official"]
 
 #: bf16 dense tensor-core peaks (TFLOP/s, no sparsity) from the vendors' data sheets;
@@ -76,34 +74,6 @@ def synthetic_batch(model, *, tokens: int, images: int, image_size: int, seed: i
         row_documents=[[0]])
 
 
-@contextlib.contextmanager
-def keep_vision_for_backward(model, batch):
-    """Keep the images visible to the LLM synchronizers until backward is done.
-
-    ``MMInterleaved.forward`` leaves ``sync_handle.vision`` before ``backward()``; with
-    gradient checkpointing the recomputed decoder layers then run without synchronizers
-    and the checkpoint's saved tensors do not match. A forward hook on ``model.visual``
-    opens an outer ``vision`` block with the same feature values (a detached leaf: the
-    gradient flows through the original graph) that stays open through ``backward()``.
-    """
-    stack, tok = contextlib.ExitStack(), model.config.tokens
-
-    def hook(module, args, out):
-        f = out.llm_features[0]
-        rows = per_row_features(f.detach().requires_grad_(f.requires_grad), batch.image_row,
-                                batch.images_per_row)
-        vis, _ = image_visibility(batch.input_ids, soi_id=tok.soi_id, image_id=tok.image_id,
-                                  bos_id=tok.bos_id, m=rows.shape[1])
-        stack.enter_context(model.sync_handle.vision(rows, vis))
-
-    handle = model.visual.register_forward_hook(hook)
-    try:
-        with stack:
-            yield
-    finally:
-        handle.remove()
-
-
 def set_sync_backend(model, backend: str | None) -> None:
     """Deformable-op backend of every LLM and UNet synchronizer."""
     for mod in [*model.llm_sync.modules(), *model.unet_sync.modules()]:
@@ -149,8 +119,8 @@ def _ranges(model):
     """(module, part) pairs whose forward calls are marked with record_function."""
     out = [(model.visual, "vision"), (model.llm.get_decoder(), "llm"),
            (model.llm.get_output_embeddings(), "llm"), (model.unet, "unet")]
-    if model.vae is not None:
-        out.append((model.vae, "vae"))
+    if model.vae is not None:   # encode() / decode() are methods: mark the submodules
+        out += [(mod, "vae") for mod in model.vae.children()]
     for root in (model.llm_sync, model.unet_sync):
         for name, mod in root.named_modules():
             if isinstance(mod, SynchronizerBlock | SkipSynchronizer) or name.endswith(
