@@ -52,9 +52,9 @@ __all__ = ["main"]
 
 PRESETS = {
     "tiny": dict(tokens=256, images=[8, 16], repeats=2, warmup=1, decode=8, gen_steps=4,
-                 guidance=2.0),
+                 guidance=2.0, profile="all"),
     "paper_13b": dict(tokens=2048, images=[8, 16], repeats=3, warmup=2, decode=32,
-                      gen_steps=30, guidance=7.5),
+                      gen_steps=30, guidance=7.5, profile="largest"),
 }
 VARIANTS = ("mmlayers", "mmlayers, grid_sample op", "official, grid_sample op",
             "no synchronizers")
@@ -116,7 +116,8 @@ def measure_step(model, batch, variant: str, m: int, args, dev: str, peak) -> di
     sec = measure(step, device=dev, repeats=args.repeats, warmup=0)
     mem = peak_gib(dev)
     shares = None
-    if not args.no_profile and variant in ("mmlayers", "official, grid_sample op"):
+    profiled = {"all": True, "largest": m == max(args.images), "none": False}[args.profile]
+    if profiled and variant in ("mmlayers", "official, grid_sample op"):
         shares = su.part_shares(model, fwd_bwd, opt_step, dev)
     flops = None
     if variant == "mmlayers":
@@ -145,7 +146,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--gen-steps", type=int, help="denoising steps per image")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    parser.add_argument("--no-profile", action="store_true", help="skip the time shares")
+    parser.add_argument("--profile", choices=["all", "largest", "none"],
+                        help="which image counts get a profiled step for the time shares "
+                             "(preset default: all for tiny, the largest for paper_13b)")
     parser.add_argument("--peak-tflops", type=float, help="override the bf16 peak table")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: as is)")
     parser.add_argument("--json", help="write the report here (through recipes/benchmark.py, "
