@@ -3,14 +3,11 @@
     python recipes/benchmark.py system --preset paper_13b --device cuda [--json out.json]
     python recipes/benchmark.py system --preset tiny --device cpu       [--json out.json]
 
-``paper_13b``: :meth:`MMInterleavedConfig.paper_13b_shapes` (Vicuna-13B, CLIP ViT-L/14 with
-the adapter pyramid, SD-2.1-base UNet + VAE, 10 LLM and 13 UNet synchronizers), random
-weights, bf16 on CUDA, batch 1 × 2048 tokens. ``tiny``: the demo model with the paper's
-freezing, fp32 on CPU, 256 tokens. LLM, ViT and VAE frozen; UNet, synchronizers, pyramid,
-resampler, context encoder and image tokens trained (AdamW, the model's parameter groups);
-gradient checkpointing as the official recipe: every LLM decoder layer
-(``LLMConfig.gradient_checkpointing``; the model re-opens the images when recomputing), the
-UNet's blocks and the adapter's interaction blocks.
+``paper_13b``: :meth:`MMInterleavedConfig.paper_13b_shapes`, random weights, bf16 on CUDA,
+batch 1 × 2048 tokens; ``tiny``: the demo model, fp32 on CPU, 256 tokens. Both with the
+paper's freezing (LLM, ViT, VAE) and gradient checkpointing (LLM layers, UNet blocks,
+adapter interaction blocks); AdamW over the model's parameter groups. Details, columns
+and measured numbers: ``docs/benchmarks_system.md``.
 
 Training step (forward + backward + AdamW) with 8 and 16 images per sequence, four
 variants built in place, measured in the same run:
@@ -24,13 +21,10 @@ variants built in place, measured in the same run:
 - ``no synchronizers``: the LLM synchronizer hooks removed, the UNet ones idle (no image
   has a previous image and ``no_image="zero"``: the blocks are skipped).
 
-Shares of the ``mmlayers`` and ``official`` steps come from one ``torch.profiler`` step:
-module forwards are marked with ``record_function`` ranges (forward hooks), backward ops
-go to the range of the forward op that made them; CUDA kernel time (CPU time on CPU).
-MFU: model FLOPs of the step (``torch.utils.flop_counter``, forward + backward, without
-checkpoint recomputation) / step time / the GPU's bf16 dense peak. Inference: time to the
-first token of a prompt with 8 images (vision + LLM prefill), cached greedy decoding, and
-one image (batch 1) with classifier-free guidance through UNet + VAE decode.
+Shares (``torch.profiler``: forward ranges from module hooks, backward ops to the range of
+the forward op that made them), MFU (model FLOPs without checkpoint recomputation / step
+time / bf16 peak), time to first token with 8 images, cached decoding, one image with
+classifier-free guidance.
 """
 
 from __future__ import annotations
