@@ -90,9 +90,13 @@ def per_row_features(flat: torch.Tensor, image_row: torch.Tensor,
 
 
 def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Antialiased bilinear resize (in float32 for half types on CPU, which has no kernel)."""
     if tuple(images.shape[-2:]) == tuple(size):
         return images
-    return F.interpolate(images, size=size, mode="bilinear", antialias=True, align_corners=False)
+    x = images.float() if images.device.type == "cpu" and images.dtype in (
+        torch.bfloat16, torch.float16) else images
+    out = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return out.to(images.dtype)
 
 
 class MMInterleaved(GenerationMixin, nn.Module):

@@ -349,3 +349,14 @@ def test_llm_gradient_checkpointing_keeps_the_images(tok, batch):
     assert any(n.startswith("llm.") for n in grads[1])
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6)
+
+
+def test_resize_in_half_precision_on_cpu():
+    from mmlayers.models.mm_interleaved import _resize
+
+    x = torch.rand(2, 3, 16, 16)
+    want = F.interpolate(x, size=(8, 8), mode="bilinear", antialias=True, align_corners=False)
+    for dtype in (torch.bfloat16, torch.float16):
+        got = _resize(x.to(dtype), (8, 8))
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-2)
