@@ -53,17 +53,39 @@ class _Levels:
                                    device=device).view(n_levels, 1)
         self.size_y = torch.tensor([hh for hh, _ in shapes], dtype=dtype,
                                    device=device).view(n_levels, 1)
-        self.low = torch.full_like(self.size_x, -2.0)
-        self.high_x, self.high_y = self.size_x + 1, self.size_y + 1
         self.width = torch.tensor([w for _, w in shapes], dtype=self.index_dtype,
                                   device=device).view(n_levels, 1)
-        # Row offset of the four corners (x0 y0, x1 y0, x0 y1, x1 y1) from the level start.
-        self.corner_rows = torch.tensor(
-            [(st, st + 1, st + w, st + w + 1) for (_, w), st in zip(shapes, starts, strict=True)],
-            dtype=self.index_dtype, device=device).view(n_levels, 1, 4)
-        self.base = (torch.arange(b * h, device=device, dtype=self.index_dtype) * s
-                     ).view(b, 1, h, 1, 1)
-        self.n_rows = b * h * s
+        # corners (x0 y0, x1 y0, x0 y1, x1 y1) of a sample are rows r, r + 1, r + w, r + w + 1
+        self.start = torch.tensor(list(starts), dtype=self.index_dtype,
+                                  device=device).view(n_levels, 1)
+        self.s, self.n_rows = s, b * h * s
+        self._cache: dict = {}
+
+    def _memo(self, key, make):
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    def per_sample(self, axis: int, p: int):
+        """(size, size + 1, size − 1) along ``axis`` per (level, point): three (l·p,)."""
+        def make():
+            size = (self.size_x if axis == 0 else self.size_y).expand(-1, p).reshape(-1)
+            return size.contiguous(), size + 1, size - 1
+        return self._memo(("axis", axis, p), make)
+
+    def width_lp(self, p: int) -> torch.Tensor:
+        return self._memo(("width", p), lambda: self.width.expand(-1, p).reshape(-1).contiguous())
+
+    def start_lp(self, p: int) -> torch.Tensor:
+        """(l·p,) first row of each sample's level."""
+        return self._memo(("start", p), lambda: self.start.expand(-1, p).reshape(-1).contiguous())
+
+    def bag_base(self, b: int, q: int, h: int) -> torch.Tensor:
+        """(b·q·h, 1) first table row of each bag's (batch, head) block."""
+        def make():
+            base = torch.arange(b * h, device=self.width.device, dtype=self.index_dtype) * self.s
+            return base.view(b, 1, h).expand(b, q, h).reshape(-1, 1)
+        return self._memo(("base", b, q, h), make)
 
 
 class _Geometry:
@@ -72,30 +94,35 @@ class _Geometry:
     loc (b, q, h, l, p, 2) → ``idx`` (b·q·h, l·p, 4) table rows, corners ordered
     (x0 y0, x1 y0, x0 y1, x1 y1). Per axis, flat (b·q·h, l·p) tensors: ``w0x``/``w1x``
     the weights of the left/right corner (zero outside the map) and ``v0x``/``v1x`` their
-    validity, which is also |d w / d x|; the same for y. Everything is kept flat on
-    purpose: broadcasts over tiny innermost dimensions are very slow on the CPU.
+    validity, which is also |d w / d x|; the same for y. Everything is computed on
+    (b·q·h, l·p) arrays with per-(level, point) constants of l·p entries: broadcasts over
+    tiny innermost dimensions (``(l, 1)`` against ``(…, l, p)``) are ~10× slower on the CPU.
     """
 
     def __init__(self, loc, lv: _Levels, dtype):
-        n_bags = loc.shape[0] * loc.shape[1] * loc.shape[2]
+        b, q, h, n_levels, p = loc.shape[:5]
+        n_bags, lp = b * q * h, n_levels * p
+        flat = loc.reshape(n_bags, lp, 2)
         rows, parts = None, []
-        for axis, size, low, high in ((0, lv.size_x, lv.low, lv.high_x),
-                                      (1, lv.size_y, lv.low, lv.high_y)):
+        for axis in (0, 1):
+            size, high, size_m1 = lv.per_sample(axis, p)
             # Pixel coordinates (align_corners=False). Far-away points are clamped so that
             # integer casts stay finite; all four corners of a clamped point are outside.
-            c = torch.clamp(loc[..., axis].to(dtype) * size - 0.5, low, high)
+            c = torch.minimum((flat[..., axis].to(dtype) * size - 0.5).clamp_(min=-2.0), high)
             c0 = c.floor()
-            frac = (c - c0).view(n_bags, -1)
+            frac = c - c0
             # validity along the axis: 0 <= c0 <= size - 1 and -1 <= c0 <= size - 2
-            v0 = ((c0 >= 0) & (c0 < size)).to(dtype).view(n_bags, -1)
-            v1 = ((c0 >= -1) & (c0 < size - 1)).to(dtype).view(n_bags, -1)
+            v0 = ((c0 >= 0) & (c0 < size)).to(dtype)
+            v1 = ((c0 >= -1) & (c0 < size_m1)).to(dtype)
             w0, w1 = (1 - frac).mul_(v0), frac.mul_(v1)
             parts.append((w0, w1, v0, v1))
             i0 = c0.to(lv.index_dtype)
-            rows = i0 + lv.base if axis == 0 else rows + i0 * lv.width
+            rows = i0 + lv.bag_base(b, q, h) if axis == 0 else rows.add_(i0 * lv.width_lp(p))
         (self.w0x, self.w1x, self.v0x, self.v1x), (self.w0y, self.w1y, self.v0y, self.v1y) = parts
-        idx = rows[..., None] + lv.corner_rows  # (b, q, h, l, p, 4)
-        self.idx = idx.clamp_(0, lv.n_rows - 1).view(n_bags, -1, 4)
+        top = rows.add_(lv.start_lp(p))
+        bottom = top + lv.width_lp(p)
+        idx = torch.stack((top, top + 1, bottom, bottom + 1), dim=-1)  # (b·q·h, l·p, 4)
+        self.idx = idx.clamp_(0, lv.n_rows - 1)
 
     def corner_weights(self, scale: torch.Tensor | None = None) -> torch.Tensor:
         """Bilinear weight of each corner, times ``scale`` (b·q·h, l·p) → (b·q·h, l·p, 4)."""
@@ -149,7 +176,9 @@ class _GatherDeformAttn(torch.autograd.Function):
         grad_table = None
         grad_loc, grad_attn = [], []
         q_chunk = _query_chunk(b, h, n_levels, p, dh, dtype, ctx.chunk_bytes)
-        rows = torch.arange(levels.n_rows, device=value.device, dtype=levels.index_dtype)
+        # sort keys: int16 when the table is small enough (a faster radix sort on the CPU)
+        key_dtype = torch.int16 if levels.n_rows <= 2**15 - 1 else levels.index_dtype
+        rows = torch.arange(levels.n_rows, device=value.device, dtype=key_dtype)
         for q0 in range(0, n, q_chunk):
             loc_c = loc[:, q0:q0 + q_chunk]
             geo = _Geometry(loc_c, levels, dtype)
@@ -159,7 +188,7 @@ class _GatherDeformAttn(torch.autograd.Function):
             if need_v:
                 # Transposed bag: sort corner entries by row, sum weighted query grads.
                 weight = geo.corner_weights(a).flatten()
-                sorted_rows, order = torch.sort(geo.idx.flatten())
+                sorted_rows, order = torch.sort(geo.idx.flatten().to(key_dtype), stable=True)
                 offsets = torch.searchsorted(sorted_rows, rows)
                 bag_of = torch.div(order, lp * 4, rounding_mode="floor").to(offsets.dtype)
                 part = F.embedding_bag(bag_of, g, offsets, per_sample_weights=weight[order],
