@@ -36,6 +36,7 @@ SPECS: dict[str, tuple] = {
     "vision": ("grouped", "part", None, ["× ViT (CPU)"]),
     "unet": ("barh", "case", "CPU ms", "CPU ms (log scale)"),
     "model": ("barh", "what", "CPU s", "CPU seconds"),
+    "session": ("grouped", "way", None, ["× session", "× session (text)"]),
 }
 
 

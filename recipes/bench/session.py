@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
                      f"{mem / 2**20:.1f}", "yes" if equal else "NO"])
     print(f"# session benchmark, {date.today()}, tiny model, prompt + text {args.tokens} tokens, "
           f"image {args.steps} steps, text, image; threads {torch.get_num_threads()}")
-    print(format_table(["way", "total CPU s", "× session", "text turns s", "× session",
+    print(format_table(["way", "total CPU s", "× session", "text turns s", "× session (text)",
                         "image turns s", "peak MiB", "same output"], rows))
 
 
