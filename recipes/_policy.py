@@ -1,13 +1,8 @@
 """Training policy helpers for ``recipes/train.py`` (memory, not maths).
 
-- :func:`checkpoint_llm`: gradient checkpointing of the LLM's decoder layers that works with
-  the feature synchronizers. The synchronizers read the images from a context that
-  :class:`~mmlayers.models.MMInterleaved` opens around the LLM call and closes before
-  ``backward()``; plain checkpointing would recompute the layers without images (and
-  ``torch.utils.checkpoint`` then fails: a different number of tensors saved). Here the
-  recomputation re-opens the context that was active during the original forward
-  (``SynchronizerHandle.checkpoint_context_fn``, ``torch.utils.checkpoint``'s
-  ``context_fn``).
+- LLM gradient checkpointing needs nothing here: ``model.llm.gradient_checkpointing: true``
+  makes :class:`~mmlayers.models.MMInterleaved` enable it with
+  ``SynchronizerHandle.checkpoint_context_fn`` (the recomputed layers see the images).
 - :func:`checkpoint_unet`: diffusers' own gradient checkpointing of the UNet blocks (the
   UNet synchronizers' residuals enter through the UNet's public inputs, so nothing to
   restore).
@@ -21,15 +16,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["checkpoint_llm", "checkpoint_unet", "store_frozen_in"]
-
-
-def checkpoint_llm(model) -> None:
-    """Enable non-reentrant gradient checkpointing of ``model.llm`` with the images of the
-    synchronizers restored during recomputation (what ``llm.gradient_checkpointing: true``
-    in the model config does when the model is built)."""
-    model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-        "use_reentrant": False, "context_fn": model.sync_handle.checkpoint_context_fn})
+__all__ = ["checkpoint_unet", "store_frozen_in"]
 
 
 def checkpoint_unet(model) -> None:

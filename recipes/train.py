@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _checkpoint import load_checkpoint, save_checkpoint, save_model  # noqa: E402
 from _data import build_data  # noqa: E402
 from _parallel import check_parallel, make_accelerator, noise_generator, prepare  # noqa: E402
-from _policy import checkpoint_llm, checkpoint_unet, store_frozen_in  # noqa: E402
+from _policy import checkpoint_unet, store_frozen_in  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
 
 from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer  # noqa: E402
@@ -175,8 +175,6 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     dev = acc.device
     store_frozen_in(model, t.get("frozen_dtype"))
     model.to(dev).train()
-    if model.config.llm.gradient_checkpointing:
-        checkpoint_llm(model)
     if t.get("checkpoint_unet"):
         checkpoint_unet(model)
     opt, sched = make_optimizer(model, t)
