@@ -42,11 +42,20 @@ from bench._common import format_table, peak_memory
 PROMPT = "a red circle on the left ."
 
 
-def build_model(seed: int = 0):
+def build_model(seed: int = 0, preset: str = "tiny"):
+    """The tiny model, or ``"wide"``: its LLM (512 wide, 8 layers, 32 visual tokens per
+    image) and vision side (64 px, 256 wide, 6 layers) made larger, its UNet unchanged."""
     tok = word_level_tokenizer(ShapesCorpus(seed=0, length=8).vocabulary())
     torch.manual_seed(seed)
-    model = MMInterleaved.from_config(MMInterleavedConfig.tiny(vocab_size=len(tok)),
-                                      tokenizer=tok).eval()
+    cfg = MMInterleavedConfig.tiny(vocab_size=len(tok), image_size=64 if preset == "wide" else 32)
+    if preset == "wide":
+        cfg.llm.config.update(hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                              num_attention_heads=8, num_key_value_heads=8)
+        cfg.vision.config.update(hidden_size=256, intermediate_size=1024, num_hidden_layers=6,
+                                 num_attention_heads=8)
+        cfg.vision.num_tokens = 32
+        cfg.decoder.image_size = cfg.decoder.unet["sample_size"] = 32
+    model = MMInterleaved.from_config(cfg, tokenizer=tok).eval()
     with torch.no_grad():  # gates open, so the synchronizers do real work
         for name, p in model.named_parameters():
             if name.endswith("gate"):
@@ -152,13 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=10, help="denoising steps per image")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--preset", choices=["tiny", "wide"], default="tiny",
+                   help="tiny model, or a wider LLM and vision side (same UNet)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (tests)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
         args.tokens, args.steps, args.repeats = 4, 2, 1
-    model, tok = build_model()
+    model, tok = build_model(preset=args.preset)
     ways = {"session": lambda c: run_session(model, tok, args.tokens, args.steps, c),
             "re-encode per turn": lambda c: run_loop(model, tok, args.tokens, args.steps, False, c),
             "re-encode per token": lambda c: run_loop(model, tok, args.tokens, args.steps, True, c)}
@@ -179,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([name, f"{t['total']:.3f}", f"{t['total'] / base['total']:.2f}",
                      f"{t['text']:.3f}", f"{t['text'] / base['text']:.2f}", f"{t['image']:.3f}",
                      f"{mem / 2**20:.1f}", "yes" if equal else "NO"])
-    print(f"# session benchmark, {date.today()}, tiny model, prompt + text {args.tokens} tokens, "
+    print(f"# session benchmark, {date.today()}, {args.preset} model, prompt + text {args.tokens} tokens, "
           f"image {args.steps} steps, text, image; threads {torch.get_num_threads()}")
     print(format_table(["way", "total CPU s", "× session", "text turns s", "× session (text)",
                         "image turns s", "peak MiB", "same output"], rows))
