@@ -41,19 +41,25 @@ class TurnsMixin:
                generator: torch.Generator | None = None,
                allow_image: bool | None = None) -> Iterator[Any]:
         """:meth:`run`, yielding text pieces as tokens are decoded and each image when it
-        is finished (greedy or sampling; no beams)."""
+        is finished (greedy or sampling; no beams). A caller that stops reading keeps a
+        consistent document: the text decoded so far is part of it."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
         for _ in range(max_turns):
             max_new, allow = self._start_text(max_new_tokens, allow_image)
-            tokens, shown = [], ""
-            for token in self._tokens(max_new, allow, sampling, generator):
-                tokens.append(token)
-                if token in (self.tok.eos_id, self.tok.soi_id):
-                    break
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if text.startswith(shown) and len(text) > len(shown):
-                    yield text[len(shown):]
-                    shown = text
+            tokens, shown, complete = [], "", False
+            try:
+                for token in self._tokens(max_new, allow, sampling, generator):
+                    tokens.append(token)
+                    if token in (self.tok.eos_id, self.tok.soi_id):
+                        break
+                    text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                    if text.startswith(shown) and len(text) > len(shown):
+                        yield text[len(shown):]
+                        shown = text
+                complete = True
+            finally:
+                if not complete:  # the caller stopped reading: keep what was written
+                    self._result(tokens)
             result = self._result(tokens)
             if len(result.text) > len(shown) and result.text.startswith(shown):
                 yield result.text[len(shown):]

@@ -369,3 +369,17 @@ def test_min_new_tokens_holds_back_the_stop_tokens(fp64):
             model.image_tokens.head.bias[0] = 0.0
     assert len(got.token_ids) == 4 and got.token_ids[-1] == t.soi_id and got.image_opened
     assert not {t.soi_id, t.eos_id} & set(got.token_ids[:3])
+
+
+def test_stopping_a_stream_early_keeps_the_document_consistent(fp64):
+    model, tok = fp64
+    session, oracle = InterleavedSession(model), ReencodeOracle(model, tok)
+    for doc in (session, oracle):
+        doc.add_text("a red circle")
+    stream = session.stream(2, max_new_tokens=6, allow_image=False)
+    first = next(stream)
+    stream.close()                               # the reader stops after one piece
+    assert session.items[-1] == first and len(session.ids) == len(oracle.ids) + 1
+    oracle.generate_text(1)
+    assert session.ids == oracle.ids
+    assert session.generate_text(3).token_ids == oracle.generate_text(3)   # cache still right
