@@ -151,8 +151,11 @@ class MMInterleaved(GenerationMixin, nn.Module):
             max_images=lc.max_images, backend=config.backend)
         self.sync_handle = handle
         if lc.gradient_checkpointing:  # recomputation re-opens the images of the forward
-            llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False, "context_fn": handle.checkpoint_context_fn})
+            kwargs = {"use_reentrant": False, "context_fn": handle.checkpoint_context_fn}
+            if hasattr(llm, "activation_checkpointing_enable"):   # transformers >= 5
+                llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.llm_sync = handle.adapter
         d = llm.get_input_embeddings().weight.shape[1]
         self.image_tokens = ImageTokens(hidden_size=d, soi_id=tok.soi_id, image_id=tok.image_id,

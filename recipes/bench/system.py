@@ -6,8 +6,7 @@
 ``paper_13b``: :meth:`MMInterleavedConfig.paper_13b_shapes`, random weights, bf16 on CUDA,
 batch 1 × 2048 tokens; ``tiny``: the demo model, fp32 on CPU, 256 tokens. Both with the
 paper's freezing (LLM, ViT, VAE) and gradient checkpointing (LLM layers, UNet blocks,
-adapter interaction blocks); AdamW over the model's parameter groups. Details, columns
-and measured numbers: ``docs/benchmarks_system.md``.
+adapter interaction blocks); AdamW over the parameter groups. See docs/benchmarks_system.md.
 
 Training step (forward + backward + AdamW) with 8 and 16 images per sequence, four
 variants built in place, measured in the same run:
@@ -22,9 +21,8 @@ variants built in place, measured in the same run:
   has a previous image and ``no_image="zero"``: the blocks are skipped).
 
 Shares (``torch.profiler``: forward ranges from module hooks, backward ops to the range of
-the forward op that made them), MFU (model FLOPs without checkpoint recomputation / step
-time / bf16 peak), time to first token with 8 images, cached decoding, one image with
-classifier-free guidance.
+the forward op that made them), MFU (model FLOPs without recomputation / step time / bf16
+peak), time to first token with 8 images, cached decoding, one image with guidance.
 """
 
 from __future__ import annotations
@@ -72,9 +70,12 @@ def build(preset: str, device: str, dtype: torch.dtype):
         cfg.llm.max_images = 50
     cfg.llm.gradient_checkpointing = True   # the model re-opens the images when recomputing
     torch.manual_seed(0)
-    with torch.device(device):
-        model = MMInterleaved.from_config(cfg)
-    model.to(dtype)
+    default, _ = torch.get_default_dtype(), torch.set_default_dtype(dtype)
+    try:  # built in the run's dtype: no fp32 copy (52 GB for the 13B LLM) on the GPU
+        with torch.device(device):
+            model = MMInterleaved.from_config(cfg).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     model.unet.enable_gradient_checkpointing()
     if hasattr(model.visual.pyramid, "set_grad_checkpointing"):
         model.visual.pyramid.set_grad_checkpointing(True)
