@@ -1,7 +1,6 @@
 """The whole MM-Interleaved system: training step, synchronizer variants, inference, MFU.
 
-    python recipes/benchmark.py system --preset paper_13b --device cuda [--json out.json]
-    python recipes/benchmark.py system --preset tiny --device cpu       [--json out.json]
+    python recipes/benchmark.py system --preset {paper_13b --device cuda,tiny} [--json out.json]
 
 ``paper_13b``: :meth:`MMInterleavedConfig.paper_13b_shapes`, random weights, bf16 on CUDA,
 batch 1 × 2048 tokens; ``tiny``: the demo model, fp32 on CPU, 256 tokens. Both with the
