@@ -383,3 +383,26 @@ def test_stopping_a_stream_early_keeps_the_document_consistent(fp64):
     oracle.generate_text(1)
     assert session.ids == oracle.ids
     assert session.generate_text(3).token_ids == oracle.generate_text(3)   # cache still right
+
+
+def test_scheduler_by_name_or_instance_and_one_generator_each(fp64):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    model, _ = fp64
+    session = InterleavedSession(model)
+    session.add_text("a red circle")
+    kw = dict(num_inference_steps=2, generator=None)
+    a = session.generate_image(scheduler="DPMSolverMultistepScheduler",
+                               **{**kw, "generator": torch.Generator().manual_seed(0)})
+    gen = session._generators["DPMSolverMultistepScheduler"]
+    assert isinstance(gen.scheduler, DPMSolverMultistepScheduler)
+    session.add_text("again")
+    session.generate_image(scheduler="DPMSolverMultistepScheduler", **kw)
+    assert session._generators["DPMSolverMultistepScheduler"] is gen   # built once
+    own = DDIMScheduler.from_config(model.inference_scheduler.config)
+    session.add_text("and")
+    session.generate_image(scheduler=own, **kw)
+    assert len(session._generators) == 2 and a.size == (32, 32)
+    with pytest.raises(ValueError, match="not a diffusers scheduler"):
+        session.generate_image(scheduler="NoSuchScheduler")
+    assert session.num_images == 3 and not session.image_open   # the refusal changed nothing
