@@ -11,7 +11,7 @@ from mmlayers.data.collate import (
     interleaved_labels,
 )
 from mmlayers.data.document import Document, image_to_tensor, is_image
-from mmlayers.data.images import read_image, to_pil
+from mmlayers.data.images import as_rgb_tensor, read_image, to_pil
 from mmlayers.data.inference_format import (
     GENERATE_MODES,
     GenerationRequest,
@@ -48,7 +48,8 @@ __all__ = [
     "IMAGE_EXTENSIONS", "InterleavedStream", "MMC4Reader", "Mixture", "PackedRow", "PairReader",
     "ReadStats", "RowPacker", "ShardedSource", "StreamingLoader", "data_slot", "load_image",
     "tar_samples",
-    "GENERATE_MODES", "GenerationRequest", "read_generation_requests", "read_image", "to_pil",
+    "GENERATE_MODES", "GenerationRequest", "as_rgb_tensor", "read_generation_requests",
+    "read_image", "to_pil",
     "COLORS", "IGNORE_INDEX", "IMAGE_TOKEN", "KINDS", "POSITIONS", "SHAPES", "SIZES",
     "SOI_TOKEN", "Document", "ImageScore", "InterleavedBatch", "InterleavedCollator",
     "ShapeAttributes", "ShapesCorpus", "caption_matches", "describe_image",

@@ -61,7 +61,9 @@ class _TallLayout(torch.autograd.Function):
     def backward(ctx, grad):
         b, m, s, d = ctx.shape
         heads = grad.shape[1]
-        out = grad.new_zeros(b, m, s, d) if m == 0 else grad.new_empty(b, m, s, d)
+        out = grad.new_empty(b, m, s, d)
+        if m == 0:
+            return out, None, None
         for size, s0, t0 in _blocks(ctx.level_sizes, m):
             src = grad[:, :, t0:t0 + m * (size + 1) * size].reshape(
                 b, heads, m, size + 1, size, -1)[:, :, :, :size]

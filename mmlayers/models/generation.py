@@ -56,12 +56,16 @@ def encode_prompt(tokenizer: Any, items: Sequence[Any], *, bos_id: int, soi_id: 
     return ids, images
 
 
-def _cache_kwargs(llm, out) -> dict:
-    """The KV cache of ``out`` as the keyword this transformers version takes
+def cache_keyword(llm) -> str:
+    """The keyword this transformers version's ``forward`` takes the KV cache under
     (``cache`` in 5.x, ``past_key_values`` before)."""
-    if "cache" in inspect.signature(llm.forward).parameters:
-        return {"cache": out.cache}
-    return {"past_key_values": out.past_key_values}
+    return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
+
+
+def _cache_kwargs(llm, out) -> dict:
+    """The KV cache of ``out`` as the keyword :func:`cache_keyword` names."""
+    cache = getattr(out, "cache", None)
+    return {cache_keyword(llm): out.past_key_values if cache is None else cache}
 
 
 class GenerationMixin:

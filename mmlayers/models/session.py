@@ -29,8 +29,6 @@ before changing anything (there is no sliding window).
 from __future__ import annotations
 
 import copy
-import inspect
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -38,18 +36,13 @@ import torch
 
 from mmlayers.adapters.context import image_contexts
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
-from mmlayers.data.document import image_to_tensor, is_image
-from mmlayers.data.images import read_image, to_pil
+from mmlayers.data.images import as_rgb_tensor, to_pil
 from mmlayers.layers.visibility import image_visibility
 from mmlayers.models._turns import TurnsMixin
 from mmlayers.models.decoding import SamplingConfig, TextResult, beam_search, choose_token
+from mmlayers.models.generation import cache_keyword
 
 __all__ = ["InterleavedSession", "TextResult"]
-
-
-def _cache_name(llm) -> str:
-    params = inspect.signature(llm.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
 
 
 class InterleavedSession(TurnsMixin):
@@ -101,7 +94,7 @@ class InterleavedSession(TurnsMixin):
         self.max_length = max_length
         blocks = model.llm_sync.blocks
         self._sync0 = next(iter(blocks.values())).sync
-        self._cache_kw = _cache_name(model.llm)
+        self._cache_kw = cache_keyword(model.llm)
         self._generators: dict[str, ImageGenerator] = {}
         self._negative = None
         self.reset()
@@ -179,20 +172,8 @@ class InterleavedSession(TurnsMixin):
             ValueError: unreadable file, bad tensor, too many images, or the document would
                 exceed ``max_length``; nothing is changed then.
         """
-        if isinstance(image, (str, os.PathLike)):
-            tensor = read_image(image)
-        elif is_image(image):
-            tensor = image_to_tensor(image)
-        else:
-            raise TypeError(f"image must be a PIL image, a (c, H, W) tensor or a path, got "
-                            f"{type(image).__name__}")
-        if tensor.dim() != 3 or tensor.shape[0] not in (1, 3) or not tensor.numel() \
-                or bool(tensor.min() < 0) or bool(tensor.max() > 1):
-            raise ValueError(f"an image tensor must be (c in {{1, 3}}, H, W) in [0, 1], got "
-                             f"shape {tuple(tensor.shape)}")
+        tensor = as_rgb_tensor(image)
         self._check_image_room("this image")
-        if tensor.shape[0] == 1:
-            tensor = tensor.expand(3, -1, -1)
         self._encode(tensor)
         self.ids += ([] if self.image_open else [self.tok.soi_id]) + [self.tok.image_id] * self.k
         self.images.append(tensor)

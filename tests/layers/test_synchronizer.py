@@ -166,6 +166,11 @@ def test_no_images_is_a_query_that_sees_nothing():
     out.sum().backward()
     torch.testing.assert_close(layer.output_proj.bias.grad,
                                torch.full_like(layer.output_proj.bias, 2.0 * 7))
+    empty_values = torch.zeros(2, 0, 20, 4, dtype=torch.float64, requires_grad=True)
+    tall = tall_layout(empty_values, (4, 2), heads=2)
+    assert tall.shape == (2, 2, 0, 2)
+    tall.sum().backward()   # the layout's backward runs for zero images too
+    assert empty_values.grad.shape == (2, 0, 20, 4)
 
 
 def test_relative_positions_hand_made():
