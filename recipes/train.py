@@ -160,8 +160,11 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     world, rank = acc.num_processes, acc.process_index
     mb, global_batch = check_parallel(t, world), t["batch_size"] * t["grad_accum"]
     accum = t["grad_accum"]
-    logger.info("process %d of %d (%s on %s): %d samples per micro-batch, %d per step", rank,
-                world, acc.distributed_type.value, acc.device, mb, global_batch)
+    kind = acc.distributed_type.value
+    logger.info("%s on %s, %d torch thread(s): %d samples per micro-batch, %d per step",
+                "one process (not distributed)" if kind == "NO" else
+                f"process {rank} of {world} ({kind})", acc.device, torch.get_num_threads(),
+                mb, global_batch)
     torch.manual_seed(t["seed"])
     random.seed(t["seed"])
     out = Path(t["out_dir"])
@@ -188,8 +191,10 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         logger.info("resumed from step %d (%d samples consumed)", step, samples)
     params = [p for g in opt.param_groups for p in g["params"]]
     history = []
-    metrics = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
+    metrics = _open_metrics(out / "metrics.jsonl", step, resume) if acc.is_main_process else None
     start, stop = time.perf_counter(), min(t["steps"], step + (t["stop_after"] or t["steps"]))
+    bar = _progress(acc, step, stop, t["steps"])
+    stopped_by_time = False
     while step < stop:
         sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
         for a in range(accum):
@@ -216,6 +221,9 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
                   "grad_norm": float(grad_norm) if grad_norm is not None else None,
                   "lr": sched.get_last_lr()[0], "seconds": round(time.perf_counter() - start, 2)}
         history.append(record)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
         out_of_time = t["time_limit"] is not None and time.perf_counter() - start > t["time_limit"]
         if t["time_limit"] is not None and world > 1:           # every process stops together
             out_of_time = bool(acc.reduce(torch.tensor([float(out_of_time)], device=dev), "max"))
@@ -235,14 +243,42 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             save_checkpoint(out, step, samples, acc, model, opt, sched, gen, data,
                             t["keep_checkpoints"])
         if out_of_time:
-            logger.info("time limit of %ss reached at step %d", t["time_limit"], step)
+            stopped_by_time = step < stop
+            logger.info("time limit of %ss reached at step %d of %d", t["time_limit"], step,
+                        stop)
             break
+    if bar is not None:
+        bar.close()
     if acc.is_main_process:
         metrics.close()
     save_model(acc, model, out / "model")
     acc.wait_for_everyone()
     return {"model": core, "tokenizer": tokenizer, "held_out": held_out, "history": history,
-            "seconds": time.perf_counter() - start}
+            "seconds": time.perf_counter() - start, "steps": step, "planned_steps": stop,
+            "stopped_by_time_limit": stopped_by_time}
+
+
+def _open_metrics(path: Path, step: int, resume: bool):
+    """``metrics.jsonl`` for this run: a new run starts an empty file; a resumed one keeps
+    the records up to the checkpoint's step (later ones came from the interrupted run)."""
+    kept = []
+    if resume and path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+    f = open(path, "w")
+    f.writelines(line + "\n" for line in kept)
+    f.flush()
+    return f
+
+
+def _progress(acc, step: int, stop: int, total: int):
+    """A tqdm bar (rate, ETA) on an interactive terminal; ``None`` elsewhere (log lines)."""
+    if not acc.is_main_process or not sys.stderr.isatty():
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True,
+                leave=True) if stop > step or total else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -260,8 +260,18 @@ ShapeAttributes(color='blue', shape='square', position=None, size='small')]
 
 
 def caption_matches(text: str, expected: Sequence[ShapeAttributes], *,
-                    position: bool = False) -> bool:
-    """Exact match of the (colour, shape) multiset named in ``text`` (and positions if asked).
+                    position: bool = False, size: bool = False) -> bool:
+    """Exact match of the (colour, shape) multiset named in ``text``, and of each shape's
+    position and size when asked (a caption that leaves one out then does not match).
+
+    Args:
+        text: a caption, e.g. ``"a small red circle on the left."``.
+        expected: the shapes the image shows.
+        position: also compare every shape's position.
+        size: also compare every shape's size.
+
+    Returns:
+        True when the multisets are equal.
 
     Examples:
         >>> want = [ShapeAttributes("red", "circle", "left", "small")]
@@ -269,9 +279,14 @@ def caption_matches(text: str, expected: Sequence[ShapeAttributes], *,
         True
         >>> caption_matches("a red circle on the right.", want, position=True)
         False
+        >>> caption_matches("a large red circle on the left.", want, position=True, size=True)
+        False
+        >>> caption_matches("a small red circle on the left.", want, position=True, size=True)
+        True
     """
     def key(a):
-        return (a.color, a.shape, a.position) if position else (a.color, a.shape)
+        return (a.color, a.shape) + ((a.position,) if position else ()) + \
+            ((a.size,) if size else ())
 
     return sorted(map(key, parse_caption(text))) == sorted(map(key, expected))
 

@@ -144,8 +144,10 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
 
 @torch.no_grad()
 def zero_cross_attention(unet: nn.Module) -> int:
-    """Zero the output projection of every cross-attention (``attn2``) of a diffusers UNet;
-    returns how many were zeroed."""
+    """Start every path from the context to a diffusers UNet's output at zero: the output
+    projection of each cross-attention (``attn2``) and, with ``addition_embed_type="text"``,
+    the final norm of the pooled context embedding added to the time embedding. Returns how
+    many cross-attentions were zeroed."""
     count = 0
     for name, module in unet.named_modules():
         out = getattr(module, "to_out", None)
@@ -154,6 +156,10 @@ def zero_cross_attention(unet: nn.Module) -> int:
             if out[0].bias is not None:
                 nn.init.zeros_(out[0].bias)
             count += 1
+    pooled = getattr(unet, "add_embedding", None)
+    if getattr(unet.config, "addition_embed_type", None) == "text" and pooled is not None:
+        nn.init.zeros_(pooled.norm2.weight)
+        nn.init.zeros_(pooled.norm2.bias)
     return count
 
 

@@ -108,8 +108,9 @@ class DecoderConfig:
         num_inference_steps, guidance_scale: sampling defaults (30, 7.5 in the paper).
         freeze_unet: keep the UNet frozen.
         zero_init_cross_attention: for a random-init UNet, start every cross-attention
-            output projection at zero, so the UNet ignores the context until it learns to use
-            it (a context it cannot use yet would otherwise be pushed to a constant).
+            output projection (and a pooled text embedding, ``addition_embed_type="text"``)
+            at zero, so the UNet ignores the context until it learns to use it (a context it
+            cannot use yet would otherwise be pushed to a constant).
         image_size: side of the images the UNet / VAE see (pixels).
         context_queries, context_hidden, context_depth, context_heads, uncond_prob, max_context:
             :class:`~mmlayers.adapters.context.ImageContextEncoder`.
@@ -120,6 +121,9 @@ class DecoderConfig:
             text encoder's embedding of ``""``.
         sync_dim, sync_heads, sync_points, sync_offset_init, sync_max_images, sync_no_image:
             :class:`~mmlayers.adapters.unet_sync.UNetSynchronizer`.
+        sync_previous_image: the UNet synchronizers read the preceding image's pyramid (the
+            paper). ``False`` hides it (an ablation: with ``sync_no_image="zero"`` the
+            synchronizers then add nothing).
     """
 
     path: str | None = None
@@ -146,6 +150,7 @@ class DecoderConfig:
     sync_offset_init: float = 1.0
     sync_max_images: int = 10
     sync_no_image: str = "official"
+    sync_previous_image: bool = True
 
 
 @dataclass
@@ -256,14 +261,16 @@ class MMInterleavedConfig:
             llm_levels=[1, 2, 3], unet_levels=[1, 2, 3])
         decoder = DecoderConfig(
             unet={"sample_size": image_size, "in_channels": 3, "out_channels": 3,
-                  "layers_per_block": 1, "block_out_channels": [32, 64],
+                  "layers_per_block": 1, "block_out_channels": [32, 64, 64],
                   "norm_num_groups": 8, "cross_attention_dim": 64, "attention_head_dim": 8,
-                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D"],
-                  "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D"]},
+                  "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D"],
+                  "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                  "addition_embed_type": "text", "addition_embed_type_num_heads": 4},
             scheduler={"class_name": "DDPMScheduler", "num_train_timesteps": 1000,
                        "beta_schedule": "squaredcos_cap_v2", "prediction_type": "sample",
                        "clip_sample": True},
-            inference_scheduler="DDIMScheduler", num_inference_steps=10, guidance_scale=2.0,
+            inference_scheduler="DDIMScheduler", num_inference_steps=10, guidance_scale=4.0,
             freeze_unet=False, zero_init_cross_attention=True, image_size=image_size,
             context_queries=16, context_hidden=64,
             context_depth=1, context_heads=4, uncond_prob=0.1, detach_context=True,

@@ -183,7 +183,7 @@ class GenerationMixin:
         if vis is not None:
             prev = (torch.cumsum(per_row, 0) - 1).clamp(min=0)   # each row's last image
             pyramid = vis.unet_features[0][prev]
-            has_image = per_row > 0
+            has_image = (per_row > 0) & dc.sync_previous_image
         gen = ImageGenerator(unet=self.unet, scheduler=self.inference_scheduler, vae=self.vae,
                              synchronizer=self.unet_sync)
         return gen(ehs, negative_hidden_states=self.context_encoder.negative(1),

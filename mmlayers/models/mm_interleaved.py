@@ -309,7 +309,9 @@ class MMInterleaved(GenerationMixin, nn.Module):
                 target = self.decoder_images(batch.images[sel].to(ehs.device, ehs.dtype))
                 per = diffusion_loss(self.unet, self.scheduler, encoder_hidden_states=ehs,
                                      images=target, vae=self.vae, synchronizer=self.unet_sync,
-                                     pyramid=pyramid, has_image=prev >= 0, generator=generator)
+                                     pyramid=pyramid,
+                                     has_image=(prev >= 0) & cfg.decoder.sync_previous_image,
+                                     generator=generator)
                 image_losses = image_losses.index_copy(0, sel, per)
                 denom = m if cfg.loss.image_reduction == "all" else sel.numel()
                 image_loss = per.sum() / denom

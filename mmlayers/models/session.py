@@ -414,7 +414,8 @@ class InterleavedSession(TurnsMixin):
         pyramid = has_image = None
         if self._unet_feats:
             pyramid = self._unet_feats[-1][None]
-            has_image = torch.ones(1, dtype=torch.bool, device=pyramid.device)
+            has_image = torch.full((1,), dc.sync_previous_image, dtype=torch.bool,
+                                   device=pyramid.device)
         image = gen(ehs, negative_hidden_states=self._negative, pyramid=pyramid,
                     has_image=has_image,
                     num_inference_steps=num_inference_steps or dc.num_inference_steps,

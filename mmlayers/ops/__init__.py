@@ -3,6 +3,7 @@
 from mmlayers.ops.deform_attn import (
     DeformAttnBackend,
     _ensure_builtin_backends,
+    auto_backend,
     available_backends,
     explain_backends,
     multi_scale_deformable_attention,
@@ -13,6 +14,7 @@ _ensure_builtin_backends()
 
 __all__ = [
     "DeformAttnBackend",
+    "auto_backend",
     "available_backends",
     "explain_backends",
     "multi_scale_deformable_attention",

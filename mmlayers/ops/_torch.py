@@ -250,9 +250,27 @@ def torch_deformable_attention(inputs: DeformAttnInputs, chunk_bytes: int | None
                                    chunk_bytes or CHUNK_BYTES)
 
 
+#: On the CPU, forward+backward at head widths up to this is faster with the per-level
+#: ``grid_sample`` reference (measured with ``python recipes/benchmark.py ops --sweep-dh``).
+CPU_REFERENCE_MAX_HEAD_DIM = 8
+
+
+def _auto_declines(inputs: DeformAttnInputs) -> list[str]:
+    """Why ``"auto"`` leaves these inputs to the reference backend (empty: it takes us)."""
+    v = inputs.value
+    dh = v.shape[-1]
+    grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (v, inputs.sampling_locations, inputs.attention_weights))
+    if v.device.type == "cpu" and grad and dh <= CPU_REFERENCE_MAX_HEAD_DIM:
+        return [f"on the CPU, forward+backward at head width {dh} <= "
+                f"{CPU_REFERENCE_MAX_HEAD_DIM} is faster with the reference backend"]
+    return []
+
+
 register_backend(DeformAttnBackend(
     name="torch",
     run=torch_deformable_attention,
     not_supported_reasons=float_dtype_reasons,
     priority=10,
+    auto_declines=_auto_declines,
 ))

@@ -29,6 +29,7 @@ __all__ = [
     "available_backends",
     "explain_backends",
     "multi_scale_deformable_attention",
+    "auto_backend",
     "register_backend",
 ]
 
@@ -64,6 +65,9 @@ class DeformAttnBackend:
         auto_devices: device types on which ``"auto"`` may choose the backend (``None``:
             all). A backend outside them still runs when forced by name (e.g. the Triton
             interpreter on the CPU, which is for testing, not speed).
+        auto_declines: ``f(inputs) -> list[str]``: why ``"auto"`` passes the backend over
+            for inputs it can run, because a lower-priority one is faster there (measured);
+            empty when ``"auto"`` may take it. Forcing the backend by name still runs it.
     """
 
     name: str
@@ -72,6 +76,7 @@ class DeformAttnBackend:
     priority: int = 0
     is_available: Callable[[], str | None] = lambda: None
     auto_devices: tuple[str, ...] | None = None
+    auto_declines: Callable[[DeformAttnInputs], list[str]] | None = None
 
 
 _REGISTRY: dict[str, DeformAttnBackend] = {}
@@ -262,6 +267,52 @@ def explain_backends(
     return _reasons(inputs)
 
 
+def _auto_choice(inputs: DeformAttnInputs) -> str | None:
+    """The backend ``"auto"`` runs for these inputs (``None``: none can)."""
+    device = inputs.value.device.type
+    for name in _auto_order():
+        chosen = _REGISTRY[name]
+        if chosen.auto_devices is not None and device not in chosen.auto_devices:
+            continue
+        if chosen.is_available() is not None or chosen.not_supported_reasons(inputs):
+            continue
+        if chosen.auto_declines is None or not chosen.auto_declines(inputs):
+            return name
+    # every backend that can run was declined as slower: take the best that can run
+    for name in _auto_order():
+        chosen = _REGISTRY[name]
+        if (chosen.auto_devices is None or device in chosen.auto_devices) \
+                and chosen.is_available() is None and not chosen.not_supported_reasons(inputs):
+            return name
+    return None
+
+
+def auto_backend(
+    value: torch.Tensor,
+    spatial_shapes: ShapesLike,
+    level_start_index: torch.Tensor | Sequence[int] | None,
+    sampling_locations: torch.Tensor,
+    attention_weights: torch.Tensor,
+) -> str | None:
+    """The backend that ``backend="auto"`` runs for these inputs (``None``: none can).
+
+    ``"auto"`` takes the highest-priority backend that can run the inputs on their device,
+    unless that backend declines them because a lower-priority one is measured to be faster
+    there (``DeformAttnBackend.auto_declines``).
+
+    Examples:
+        >>> import torch
+        >>> from mmlayers.ops import auto_backend
+        >>> v = torch.randn(1, 20, 2, 32)
+        >>> loc, w = torch.rand(1, 3, 2, 2, 2, 2), torch.rand(1, 3, 2, 2, 2)
+        >>> auto_backend(v, [(4, 4), (2, 2)], None, loc, w)
+        'torch'
+    """
+    _ensure_builtin_backends()
+    return _auto_choice(_validate(value, spatial_shapes, level_start_index, sampling_locations,
+                                  attention_weights))
+
+
 def _auto_order() -> list[str]:
     return [b.name for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)]
 
@@ -342,13 +393,10 @@ def multi_scale_deformable_attention(
                        attention_weights)
     _ensure_builtin_backends()
     if backend is None or backend == "auto":
+        name = _auto_choice(inputs)
+        if name is not None:
+            return _REGISTRY[name].run(inputs)
         device = inputs.value.device.type
-        for name in _auto_order():
-            chosen = _REGISTRY[name]
-            if chosen.auto_devices is not None and device not in chosen.auto_devices:
-                continue
-            if chosen.is_available() is None and not chosen.not_supported_reasons(inputs):
-                return chosen.run(inputs)
         reasons = _reasons(inputs)
         for name, why in reasons.items():
             devices = _REGISTRY[name].auto_devices

@@ -20,12 +20,20 @@ import platform
 import torch
 import torch.nn.functional as F
 
-from mmlayers.ops import available_backends, multi_scale_deformable_attention
+from mmlayers.ops import auto_backend, available_backends, multi_scale_deformable_attention
 
 from bench._common import format_table, measure, peak_memory
 
 
-def shapes_table(quick: bool) -> dict[str, dict]:
+def shapes_table(quick: bool, tiny: bool = False) -> dict[str, dict]:
+    if tiny:  # the demo model's synchronizer calls (batch 24 / 16), at head widths 4 to 32
+        out = {}
+        for dh in (4, 8, 16, 32):
+            out[f"tiny_llm_dh{dh}"] = dict(b=24, h=64 // dh, dh=dh, p=4, n=96,
+                                           levels=[(8, 8), (4, 4), (2, 2)] * 2)
+            out[f"tiny_unet_dh{dh}"] = dict(b=16, h=max(1, 32 // dh), dh=dh, p=2, n=1024,
+                                            levels=[(8, 8), (4, 4), (2, 2)])
+        return out
     if quick:
         return {
             "detr": dict(b=1, h=4, dh=16, levels=[(16, 16), (8, 8)], p=4, n=256),
@@ -108,6 +116,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--quick", action="store_true", help="toy sizes")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the demo model's synchronizer shapes at head widths 4-32 (which "
+                             "backend 'auto' should pick on this device)")
     parser.add_argument("--only", nargs="*", help="shape names to run (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None,
@@ -123,7 +134,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for name, cfg in shapes_table(args.quick).items():
+    for name, cfg in shapes_table(args.quick, args.tiny).items():
         if args.only and name not in args.only:
             continue
         value, loc, attn = make(cfg, args.device, dtype)
@@ -141,6 +152,14 @@ def main(argv: list[str] | None = None) -> None:
             fwd_ms, fwd_mb = run_one(fn, value, loc, attn, args.device, args.repeats, False)
             fb_ms, fb_mb = run_one(fn, value, loc, attn, args.device, args.repeats, True)
             results[impl] = (fwd_ms, fwd_mb, fb_ms, fb_mb)
+        if args.tiny:
+            value.requires_grad_()
+            picked = auto_backend(value, cfg["levels"], None, loc, attn)
+            value.requires_grad_(False)
+            fastest = min((k for k in results if k in ("reference", "torch")),
+                          key=lambda k: results[k][2])
+            rows.append([name, f"auto (fwd+bwd) picks {picked}; fastest {fastest}",
+                         "-", "-", "-", "-", "-", "-", "-"])
         base = results.get("transformers")
         for impl, (fwd_ms, fwd_mb, fb_ms, fb_mb) in results.items():
             ratio_f = f"{base[0] / fwd_ms:.2f}x" if base else "-"

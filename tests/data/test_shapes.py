@@ -143,6 +143,12 @@ def test_caption_parsing_and_matching():
     assert caption_matches("a blue square and a red circle.", want)  # order-free, no place
     assert not caption_matches("a blue square and a red circle.", want, position=True)
     assert caption_matches(text, want, position=True)
+    assert caption_matches(text, want, position=True, size=True)
+    swapped = "a large red circle on the left and a small blue square on the right."
+    assert caption_matches(swapped, want, position=True)
+    assert not caption_matches(swapped, want, position=True, size=True)
+    assert not caption_matches("a red circle on the left and a blue square on the right.",
+                               want, size=True)                   # sizes left out
     assert not caption_matches("a red circle.", want)
     assert not caption_matches("a red circle and a red circle and a blue square.", want)
     assert not caption_matches("a green circle and a blue square.", want)

@@ -25,7 +25,7 @@ def micro_config(vocab_size: int) -> MMInterleavedConfig:
     cfg.llm.config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     cfg.vision.num_tokens = K
     cfg.vision.resampler_depth = 1
-    cfg.decoder.unet.update(block_out_channels=[16, 32], cross_attention_dim=32,
+    cfg.decoder.unet.update(block_out_channels=[16, 32, 32], cross_attention_dim=32,
                             attention_head_dim=4)
     cfg.decoder.context_hidden = 32
     cfg.decoder.context_queries = 6
@@ -360,3 +360,19 @@ def test_resize_in_half_precision_on_cpu():
         got = _resize(x.to(dtype), (8, 8))
         assert got.dtype == dtype
         torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-2)
+
+
+def test_sync_previous_image_switch_hides_the_previous_image(tok, batch):
+    """decoder.sync_previous_image=False (the ablation): with sync_no_image="zero" the UNet
+    synchronizers add nothing, so they get no gradient; with the paper's setting they do."""
+    grads = {}
+    for flag in (True, False):
+        cfg = micro_config(len(tok))
+        cfg.decoder.sync_no_image = "zero"
+        cfg.decoder.sync_previous_image = flag
+        torch.manual_seed(0)
+        m = MMInterleaved.from_config(cfg, tokenizer=tok)
+        m(batch, generator=torch.Generator().manual_seed(0)).image_loss.backward()
+        grads[flag] = sum(float(p.grad.abs().sum()) for p in m.unet_sync.parameters()
+                          if p.grad is not None)
+    assert grads[True] > 0 and grads[False] == 0

@@ -30,7 +30,7 @@ def session_config(vocab_size: int) -> MMInterleavedConfig:
     cfg.llm.sync_every = 1  # both layers synchronized
     cfg.vision.num_tokens = K
     cfg.vision.resampler_depth = 1
-    cfg.decoder.unet.update(block_out_channels=[16, 32], cross_attention_dim=32,
+    cfg.decoder.unet.update(block_out_channels=[16, 32, 32], cross_attention_dim=32,
                             attention_head_dim=4)
     cfg.decoder.context_hidden, cfg.decoder.context_queries = 32, 6
     return cfg

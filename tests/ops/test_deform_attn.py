@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from mmlayers.ops import (
     DeformAttnBackend,
+    auto_backend,
     available_backends,
     deform_attn,
     explain_backends,
@@ -298,3 +299,33 @@ def test_auto_skips_backends_outside_their_auto_devices(monkeypatch):
     assert calls == []
     multi_scale_deformable_attention(value, [(2, 2)], None, loc, attn, backend="gpu_only")
     assert calls == [1]
+
+
+def _inputs(dh: int, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    value = torch.randn(2, 4 * 4 + 2 * 2, 2, dh, generator=g).requires_grad_(grad)
+    loc = torch.rand(2, 3, 2, 2, 2, 2, generator=g)
+    attn = torch.rand(2, 3, 2, 2, 2, generator=g)
+    return value, [(4, 4), (2, 2)], None, loc, attn
+
+
+def test_auto_leaves_narrow_heads_with_gradients_to_the_reference_on_cpu():
+    """On the CPU, forward+backward at head width <= CPU_REFERENCE_MAX_HEAD_DIM runs the
+    reference (measured faster there); without gradients or at wider heads: torch."""
+    narrow = torch_backend.CPU_REFERENCE_MAX_HEAD_DIM
+    assert auto_backend(*_inputs(narrow, grad=True)) == "reference"
+    assert auto_backend(*_inputs(narrow, grad=False)) == "torch"
+    assert auto_backend(*_inputs(2 * narrow, grad=True)) == "torch"
+    with torch.no_grad():
+        assert auto_backend(*_inputs(narrow, grad=True)) == "torch"
+    # "auto" runs what auto_backend names (same numbers and gradients as the reference),
+    # and the torch backend still runs when forced by name
+    v, shapes, _, loc, attn = _inputs(narrow, grad=True)
+    out = multi_scale_deformable_attention(v, shapes, None, loc, attn)
+    (gv,) = torch.autograd.grad(out.square().sum(), v)
+    v2 = v.detach().clone().requires_grad_()
+    ref = multi_scale_deformable_attention(v2, shapes, None, loc, attn, backend="reference")
+    (gr,) = torch.autograd.grad(ref.square().sum(), v2)
+    assert torch.equal(out, ref) and torch.equal(gv, gr)
+    forced = multi_scale_deformable_attention(v, shapes, None, loc, attn, backend="torch")
+    torch.testing.assert_close(forced, ref, atol=1e-5, rtol=1e-5)

@@ -24,7 +24,7 @@ def saved(tmp_path_factory):
     cfg = MMInterleavedConfig.tiny(vocab_size=len(tok))
     cfg.llm.config.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
     cfg.vision.num_tokens, cfg.vision.resampler_depth = 4, 1
-    cfg.decoder.unet.update(block_out_channels=[16, 32], cross_attention_dim=32,
+    cfg.decoder.unet.update(block_out_channels=[16, 32, 32], cross_attention_dim=32,
                             attention_head_dim=4)
     cfg.decoder.context_hidden, cfg.decoder.context_queries = 32, 6
     torch.manual_seed(0)

@@ -19,7 +19,7 @@ import train  # noqa: E402
 MICRO = ["model.overrides.llm.config.hidden_size=64", "model.overrides.llm.config.num_hidden_layers=2",
          "model.overrides.llm.config.intermediate_size=128", "model.overrides.vision.num_tokens=4",
          "model.overrides.vision.resampler_depth=1",
-         "model.overrides.decoder.unet.block_out_channels=[16, 32]",
+         "model.overrides.decoder.unet.block_out_channels=[16, 32, 32]",
          "model.overrides.decoder.unet.cross_attention_dim=32",
          "model.overrides.decoder.unet.attention_head_dim=4",
          "model.overrides.decoder.context_hidden=32", "model.overrides.decoder.context_queries=6",
@@ -74,9 +74,42 @@ def test_short_demo_writes_its_page(tmp_path):
                         *MICRO])
     page = (tmp_path / "index.html").read_text()
     assert page.count("data:image/png;base64,") == 2 * 1 + 2 * 2 + 2 * 3   # per example
-    assert "caption_exact_match" in page and "Same shape, new colour" in page
+    assert "Captions: exact (colour, shape, size and position)" in page
+    assert "Same shape, new colour" in page and "2 of 2 evaluated examples shown" in page
+    assert "cut short" not in page and "{" not in page.split("<h2>Captioning")[0]
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["train_steps"] == 2 and saved["eval_images"] == {"captions": 2, "t2i": 2,
                                                                   "edits": 2}
-    assert 0.0 <= saved["caption_exact_match"] <= 1.0 and metrics == saved
+    assert 0.0 <= saved["caption_exact"] <= saved["caption_color_shape"] <= 1.0
+    assert saved["stopped_by_time_limit"] is False and metrics == saved
     assert (tmp_path / "train" / "model" / "model.safetensors").exists()
+
+
+def test_fixed_step_run_is_deterministic(tmp_path):
+    """The same config twice gives the same losses, bit for bit (fixed seeds, fixed steps)."""
+    common = MICRO + ["train.steps=3", "train.eval_every=0", "train.save_every=100"]
+    for name in ("a", "b"):
+        train.train(train.load_config(train.DEFAULT_CONFIG,
+                                      common + [f"train.out_dir={tmp_path / name}"]))
+    a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
+    assert sorted(a) == [1, 2, 3] and a == b
+
+
+def test_rerun_starts_a_new_metrics_file(tmp_path):
+    common = MICRO + ["train.steps=2", "train.eval_every=0", "train.save_every=100",
+                      f"train.out_dir={tmp_path}"]
+    train.train(train.load_config(train.DEFAULT_CONFIG, common))
+    train.train(train.load_config(train.DEFAULT_CONFIG, common))
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl")]
+    assert steps == [1, 2]
+
+
+def test_time_budget_cuts_training_and_the_page_says_so(tmp_path):
+    # A budget far below the measured evaluation time leaves no training time: the run
+    # stops after its first step and reports it.
+    metrics = demo.run(["--steps", "50", "--eval-docs", "2", "--time-budget", "0.001",
+                        "--out", str(tmp_path), *MICRO, "train.eval_every=0"])
+    assert metrics["stopped_by_time_limit"] is True
+    assert metrics["train_steps"] == 1 and metrics["planned_steps"] == 50
+    page = (tmp_path / "index.html").read_text()
+    assert "cut short by the time budget" in page and "1 of 50" in page
