@@ -76,7 +76,8 @@ def test_short_demo_writes_its_page(tmp_path):
     assert page.count("data:image/png;base64,") == 2 * 1 + 2 * 2 + 2 * 3   # per example
     assert "Captions: exact (colour, shape, size and position)" in page
     assert "Same shape, new colour" in page and "2 of 2 evaluated examples shown" in page
-    assert "cut short" not in page and "{" not in page.split("<h2>Captioning")[0]
+    tables = page.split("</style>", 1)[1].split("<h2>Captioning")[0]
+    assert "cut short" not in page and "{" not in tables and "_" not in tables  # no raw keys
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["train_steps"] == 2 and saved["eval_images"] == {"captions": 2, "t2i": 2,
                                                                   "edits": 2}
