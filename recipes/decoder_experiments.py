@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -128,15 +127,8 @@ def run(argv: list[str] | None = None) -> dict:
     lr = args.lr if args.lr is not None else t["unet_lr"]
     opt = torch.optim.AdamW([p for p in modules.parameters() if p.requires_grad], lr=lr,
                             betas=tuple(t["betas"]), eps=t["eps"], weight_decay=t["weight_decay"])
-    warm, lo = min(t["warmup"], args.steps), t["min_lr_ratio"]
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        p = min(1.0, (step - warm) / max(1, args.steps - warm))
-        return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * p))
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    lr_sched = train_recipe.lr_schedule(opt, {**t, "steps": args.steps,
+                                              "warmup": min(t["warmup"], args.steps)})
     corpus = ShapesCorpus(seed=d["seed"], size=d["image_size"], length=10**7,
                           kinds=("caption_image",), colors=colors, max_shapes=d["max_shapes"],
                           jitter=d["jitter"], tensors=True)

@@ -121,7 +121,12 @@ def make_optimizer(model: MMInterleaved, t: dict):
     for g in groups:
         g.pop("names")
     opt = torch.optim.AdamW(groups, betas=tuple(t["betas"]), eps=t["eps"])
+    return opt, lr_schedule(opt, t)
 
+
+def lr_schedule(opt, t: dict):
+    """Linear warm-up over ``train.warmup`` steps, then cosine decay to
+    ``lr · train.min_lr_ratio`` at ``train.steps``."""
     def factor(step: int) -> float:
         if step < t["warmup"]:
             return (step + 1) / t["warmup"]
@@ -129,7 +134,7 @@ def make_optimizer(model: MMInterleaved, t: dict):
         lo = t["min_lr_ratio"]
         return lo + (1 - lo) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 # ------------------------------------------------------------------------------ train
@@ -193,7 +198,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     history = []
     metrics = _open_metrics(out / "metrics.jsonl", step, resume) if acc.is_main_process else None
     start, stop = time.perf_counter(), min(t["steps"], step + (t["stop_after"] or t["steps"]))
-    bar = _progress(acc, step, stop, t["steps"])
+    bar = _progress(acc, step, stop)
     stopped_by_time = False
     while step < stop:
         sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
@@ -271,14 +276,13 @@ def _open_metrics(path: Path, step: int, resume: bool):
     return f
 
 
-def _progress(acc, step: int, stop: int, total: int):
+def _progress(acc, step: int, stop: int):
     """A tqdm bar (rate, ETA) on an interactive terminal; ``None`` elsewhere (log lines)."""
     if not acc.is_main_process or not sys.stderr.isatty():
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True,
-                leave=True) if stop > step or total else None
+    return tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,10 +26,10 @@ import torch
 
 __all__ = [
     "DeformAttnBackend",
+    "auto_backend",
     "available_backends",
     "explain_backends",
     "multi_scale_deformable_attention",
-    "auto_backend",
     "register_backend",
 ]
 
@@ -268,23 +268,15 @@ def explain_backends(
 
 
 def _auto_choice(inputs: DeformAttnInputs) -> str | None:
-    """The backend ``"auto"`` runs for these inputs (``None``: none can)."""
+    """The backend ``"auto"`` runs for these inputs (``None``: none can): the best one that
+    can run them on their device and does not decline them; if all decline, the best."""
     device = inputs.value.device.type
-    for name in _auto_order():
-        chosen = _REGISTRY[name]
-        if chosen.auto_devices is not None and device not in chosen.auto_devices:
-            continue
-        if chosen.is_available() is not None or chosen.not_supported_reasons(inputs):
-            continue
-        if chosen.auto_declines is None or not chosen.auto_declines(inputs):
-            return name
-    # every backend that can run was declined as slower: take the best that can run
-    for name in _auto_order():
-        chosen = _REGISTRY[name]
-        if (chosen.auto_devices is None or device in chosen.auto_devices) \
-                and chosen.is_available() is None and not chosen.not_supported_reasons(inputs):
-            return name
-    return None
+    able = [b for b in sorted(_REGISTRY.values(), key=lambda b: -b.priority)
+            if (b.auto_devices is None or device in b.auto_devices)
+            and b.is_available() is None and not b.not_supported_reasons(inputs)]
+    taken = next((b for b in able if b.auto_declines is None or not b.auto_declines(inputs)),
+                 able[0] if able else None)
+    return None if taken is None else taken.name
 
 
 def auto_backend(
