@@ -137,6 +137,10 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
         points=cfg.sync_points, level_sizes=tuple(level_sizes), offset_init=cfg.sync_offset_init,
         max_images=cfg.sync_max_images, no_image=cfg.sync_no_image, backend=backend)
     sync.attach(unet)
+    if cfg.cross_attention_positions:
+        from mmlayers.adapters.query_positions import add_cross_attention_positions
+
+        add_cross_attention_positions(unet)
     return {"unet": unet, "vae": vae, "scheduler": build_scheduler(cfg),
             "inference_scheduler": build_scheduler(cfg, inference=True),
             "context_encoder": encoder, "unet_sync": sync}

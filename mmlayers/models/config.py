@@ -124,6 +124,11 @@ class DecoderConfig:
         sync_previous_image: the UNet synchronizers read the preceding image's pyramid (the
             paper). ``False`` hides it (an ablation: with ``sync_no_image="zero"`` the
             synchronizers then add nothing).
+        cross_attention_positions: add a fixed 2-D sine-cosine table to the queries of
+            every UNet cross-attention
+            ([`add_cross_attention_positions`][mmlayers.adapters.query_positions.add_cross_attention_positions]),
+            so that the context can say where things go. Not in Stable Diffusion or the
+            official decoder: off by default.
     """
 
     path: str | None = None
@@ -151,6 +156,7 @@ class DecoderConfig:
     sync_max_images: int = 10
     sync_no_image: str = "official"
     sync_previous_image: bool = True
+    cross_attention_positions: bool = False
 
 
 @dataclass
