@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from mmlayers.layers.hf_vit import as_vit_backbone
-from mmlayers.layers.posembed import sincos_2d
+from mmlayers.layers.posembed import official_sincos_2d, sincos_2d
 from mmlayers.layers.pyramid import SimpleFeaturePyramid, ViTAdapterPyramid
 from mmlayers.layers.resampler import PerceiverResampler
 
@@ -98,6 +98,11 @@ class VisualTokenizer(nn.Module):
             shape (768, 12, 12, 2, True in MM-Interleaved).
         llm_levels, unet_levels: pyramid levels for each consumer ((1, 2, 3), (0, 1, 2, 3)).
         image_mean, image_std: per-channel normalisation (CLIP's by default).
+        pos_table: 2-D position tables of the resampler input and (unless
+            ``pyramid_kwargs`` says otherwise) of the pyramid levels: ``"exact"`` (default,
+            :func:`~mmlayers.layers.posembed.sincos_2d`, not saved) or ``"official"`` (the
+            official stored ``[y|x]`` float32 table, a persistent buffer ``pos_embed``
+            of shape (H·W, d) that loads from a checkpoint; levels resize theirs bicubically).
 
     Shapes:
         images (b, c, H·p, W·p) in [0, 1] → :class:`VisualTokenizerOutput`.
@@ -125,8 +130,10 @@ class VisualTokenizer(nn.Module):
                  cross_every: int = 2, qk_norm: bool = True,
                  llm_levels: Sequence[int] = (1, 2, 3), unet_levels: Sequence[int] = (0, 1, 2, 3),
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
-                 device=None, dtype=None) -> None:
+                 pos_table: str = "exact", device=None, dtype=None) -> None:
         super().__init__()
+        if pos_table not in ("exact", "official"):
+            raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")
         self.vit = as_vit_backbone(vit)
         d, grid = self.vit.hidden_size, self.vit.grid_size
         if len(image_mean) != self.vit.num_channels or len(image_std) != self.vit.num_channels:
@@ -136,6 +143,8 @@ class VisualTokenizer(nn.Module):
             raise ValueError(f"image_std must be positive, got {tuple(image_std)}")
         kw = {"device": device, "dtype": dtype}
         pkw = dict(pyramid_kwargs or {})
+        if pyramid is not None:
+            pkw.setdefault("pos_table", pos_table)
         if pyramid == "adapter":
             self.pyramid = ViTAdapterPyramid.from_vit(self.vit, **{**kw, **pkw})
         elif pyramid == "simple":
@@ -153,8 +162,13 @@ class VisualTokenizer(nn.Module):
         self.pos_proj = nn.Linear(d, d, **kw)
         self.pos_norm = nn.LayerNorm(d, eps=1e-6, **kw)
         self.post_norm = nn.LayerNorm(d, eps=1e-6, **kw)
-        self.register_buffer("pos_embed", sincos_2d(grid[0], grid[1], d, device=device),
-                             persistent=False)
+        if pos_table == "official":  # stored [y|x] table, loadable from a checkpoint
+            if grid[0] != grid[1]:
+                raise ValueError(f"pos_table='official' needs a square ViT grid, got {grid}")
+            self.register_buffer("pos_embed", official_sincos_2d(grid[0], d).to(device))
+        else:
+            self.register_buffer("pos_embed", sincos_2d(grid[0], grid[1], d, device=device),
+                                 persistent=False)
         self.resampler = PerceiverResampler(
             dim=resampler_dim, num_queries=num_tokens, depth=resampler_depth,
             cross_every=cross_every, context_dim=d, num_heads=resampler_heads, out_dim=llm_dim,

@@ -174,3 +174,24 @@ def test_resampler_context_positions():
     want_patch = tok.post_norm(base + sincos_2d(4, 4, 32)[5])
     torch.testing.assert_close(ctx[0, 0], want_cls.detach())
     torch.testing.assert_close(ctx[0, 1 + 5], want_patch.detach())
+
+
+def test_official_resampler_table_is_stored_and_used():
+    tok = VisualTokenizer(clip_vit(), pyramid="adapter", pos_table="official", **SMALL)
+    sd = tok.state_dict()
+    assert sd["pos_embed"].shape == (16, 32) and sd["pyramid.pos_table"].shape == (16, 32)
+    # [y | x]: patch 5 = row 1, column 1 -> both halves equal; patch 6 = row 1, column 2
+    omega = 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)
+    half = {v: torch.cat([torch.sin(v * omega), torch.cos(v * omega)]) for v in (1, 2)}
+    torch.testing.assert_close(tok.pos_embed[6].double(), torch.cat([half[1], half[2]]),
+                               rtol=0, atol=1e-6)
+    stored = torch.randn(16, 32)
+    tok.load_state_dict({**sd, "pos_embed": stored})
+    hidden = torch.zeros(1, 17, 32)
+    with torch.no_grad():
+        ctx = tok.resampler_context(hidden)
+        base = tok.pos_norm(tok.pos_proj(hidden))[0, 0]
+        torch.testing.assert_close(ctx[0, 1 + 6], tok.post_norm(base + stored[6]))
+        torch.testing.assert_close(ctx[0, 0], tok.post_norm(base))
+    with pytest.raises(ValueError, match="pos_table must be 'exact' or 'official', got 'yx'"):
+        VisualTokenizer(clip_vit(), pyramid=None, pos_table="yx", **SMALL)

@@ -12,7 +12,9 @@ For a feature map ``x`` (b, c, H, W) (official ``MMFSBlock``)::
 Offsets are measured in cells of the query map (``base_size`` = ``size``). The official
 block's query position table is a 2-D sincos table of the latent size, resized bicubically
 to smaller maps; this block evaluates the sincos formula exactly at the same
-(pixel-centre-aligned) coordinates.
+(pixel-centre-aligned) coordinates. ``pos_table="official"`` uses the official table
+instead: a stored ``[y|x]`` table of the square ``grid_size`` (persistent buffer
+``pos_embed``, loadable from an official checkpoint), resized bicubically.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mmlayers.layers.posembed import sincos_2d
+from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_2d
 from mmlayers.layers.synchronizer import FeatureSynchronizer
 
 __all__ = ["SkipSynchronizer"]
@@ -40,6 +42,9 @@ class SkipSynchronizer(nn.Module):
         dim, heads, points, level_sizes, offset_init, max_images, backend, query_chunk:
             of the :class:`~mmlayers.layers.synchronizer.FeatureSynchronizer`.
         eps: LayerNorm epsilon (1e-6 as the official block).
+        pos_table: ``"exact"`` (default): the sincos formula at each map's pixel centres;
+            ``"official"``: the stored official table of the ``grid_size`` grid (square),
+            bicubically resized to the map (:func:`~mmlayers.layers.posembed.resize_pos_table`).
 
     Shapes:
         ``forward(x (b, c, H, W), values (b, 1, s, d) or None, has_image (b,) bool)`` →
@@ -59,8 +64,13 @@ class SkipSynchronizer(nn.Module):
                  grid_size: tuple[int, int], dim: int = 1024, heads: int = 16, points: int = 8,
                  level_sizes: Sequence[int] = (64, 32, 16, 8), offset_init: float = 1.0,
                  max_images: int = 10, eps: float = 1e-6, backend: str | None = None,
-                 query_chunk: int | None = None, device=None, dtype=None) -> None:
+                 query_chunk: int | None = None, pos_table: str = "exact",
+                 device=None, dtype=None) -> None:
         super().__init__()
+        if pos_table not in ("exact", "official"):
+            raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")
+        if pos_table == "official" and grid_size[0] != grid_size[1]:
+            raise ValueError(f"pos_table='official' needs a square grid_size, got {grid_size}")
         if isinstance(channels, bool) or not isinstance(channels, int) or channels < 4 \
                 or channels % 4:
             raise ValueError(f"channels must be a positive multiple of 4 (2-D sincos), "
@@ -74,6 +84,10 @@ class SkipSynchronizer(nn.Module):
             points=points, level_sizes=level_sizes, base_size=size, offset_init=offset_init,
             max_images=max_images, backend=backend, query_chunk=query_chunk, **kw)
         self.conv = nn.Conv2d(channels, channels, kernel_size=1, **kw)
+        self.pos_table = pos_table
+        if pos_table == "official":
+            self.register_buffer("pos_embed", official_sincos_2d(int(grid_size[0]), channels)
+                                 .to(device))
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 
@@ -110,6 +124,8 @@ class SkipSynchronizer(nn.Module):
             const = self.conv(self.sync.output_proj.bias.reshape(1, c, 1, 1))
             return const.expand(b, c, h, w).to(x.dtype)
         pos, ref = self._position(h, w, x.device, wdt)
+        if self.pos_table == "official":
+            pos = resize_pos_table(self.pos_embed, (h, w))
         q = self.query_norm(rearrange(x.to(wdt), "b c H W -> b (H W) c")) + pos
         out = self.sync(q, values=values, visibility=has_image[:, None], reference_points=ref)
         return self.conv(rearrange(out, "b (H W) c -> b c H W", H=h)).to(x.dtype)

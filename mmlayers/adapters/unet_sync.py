@@ -91,6 +91,8 @@ class UNetSynchronizer(nn.Module):
         dim, heads, points, level_sizes, offset_init, max_images, backend, query_chunk:
             per-block synchronizer settings (paper: 1024, 16, 8, (64, 32, 16, 8), 1.0, 10).
         no_image: ``"official"`` or ``"zero"`` (module docstring).
+        pos_table: query position tables, ``"exact"`` or ``"official"``
+            (:class:`~mmlayers.adapters.skip_sync.SkipSynchronizer`).
 
     Example:
         >>> import torch
@@ -119,7 +121,7 @@ class UNetSynchronizer(nn.Module):
                  points: int = 8, level_sizes: Sequence[int] = (64, 32, 16, 8),
                  offset_init: float = 1.0, max_images: int = 10, no_image: str = "official",
                  backend: str | None = None, query_chunk: int | None = None,
-                 device=None, dtype=None) -> None:
+                 pos_table: str = "exact", device=None, dtype=None) -> None:
         super().__init__()
         if no_image not in ("official", "zero"):
             raise ValueError(f"no_image must be 'official' or 'zero', got {no_image!r}")
@@ -132,7 +134,7 @@ class UNetSynchronizer(nn.Module):
         kw = dict(value_dim=value_dim, grid_size=grid, dim=dim, heads=heads, points=points,
                   level_sizes=tuple(level_sizes), offset_init=offset_init,
                   max_images=max_images, backend=backend, query_chunk=query_chunk,
-                  device=device, dtype=dtype)
+                  pos_table=pos_table, device=device, dtype=dtype)
         self.value_dim, self.level_sizes, self.no_image = value_dim, tuple(level_sizes), no_image
         self.down = nn.ModuleList(SkipSynchronizer(channels=c, size=s, **kw)
                                   for c, s in zip(skip_channels, skip_sizes, strict=True))

@@ -3,7 +3,7 @@
 
 from mmlayers.layers.deformable_attention import MultiScaleDeformableAttention
 from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
-from mmlayers.layers.posembed import sincos_1d, sincos_2d
+from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_1d, sincos_2d
 from mmlayers.layers.pyramid import (
     AdapterOutput,
     SimpleFeaturePyramid,
@@ -30,8 +30,10 @@ __all__ = [
     "as_vit_backbone",
     "image_starts",
     "image_visibility",
+    "official_sincos_2d",
     "previous_image_visibility",
     "relative_image_positions",
+    "resize_pos_table",
     "sincos_1d",
     "sincos_2d",
     "split_depth",

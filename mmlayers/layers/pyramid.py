@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
-from mmlayers.layers.posembed import sincos_2d
+from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_2d
 from mmlayers.layers.vit_adapter import (
     InteractionBlock,
     LayerNorm2d,
@@ -60,10 +60,28 @@ def split_depth(depth: int, groups: int) -> list[tuple[int, int]]:
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
-def _level_pos_embeds(module: nn.Module, sizes, dim: int, grid: tuple[int, int], device) -> None:
+def _level_pos_embeds(module: nn.Module, sizes, dim: int, grid: tuple[int, int], device,
+                      pos_table: str = "exact") -> None:
+    """``"exact"``: one non-persistent (d, H_l, W_l) buffer per level; ``"official"``: one
+    persistent stored (H·W, d) table ``pos_table`` (square grid), resized per level."""
+    if pos_table == "official":
+        if grid[0] != grid[1]:
+            raise ValueError(f"pos_table='official' needs a square ViT grid, got {grid}")
+        module.register_buffer("pos_table", official_sincos_2d(grid[0], dim).to(device))
+        return
+    if pos_table != "exact":
+        raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")
     for i, (h, w) in enumerate(sizes):
         table = rearrange(sincos_2d(h, w, dim, base_size=grid, device=device), "(H W) d -> d H W", H=h)
         module.register_buffer(f"pos_embed_{i}", table, persistent=False)
+
+
+def _level_table(module: nn.Module, i: int, size: tuple[int, int]) -> torch.Tensor:
+    """The (d, H_l, W_l) position table of level ``i``."""
+    stored = getattr(module, "pos_table", None)
+    if isinstance(stored, torch.Tensor):
+        return rearrange(resize_pos_table(stored, size), "(H W) d -> d H W", H=size[0])
+    return getattr(module, f"pos_embed_{i}")
 
 
 class ViTAdapterPyramid(nn.Module):
@@ -104,6 +122,12 @@ class ViTAdapterPyramid(nn.Module):
         inplanes: spatial-prior stem width (64).
         in_chans: image channels.
         pos_embed: add the fixed 2-D sincos table to every level.
+        pos_table: ``"exact"``: :func:`~mmlayers.layers.posembed.sincos_2d` at each level's
+            cell centres in ViT-grid coordinates; ``"official"``: the official stored
+            ``[y|x]`` table of the ViT grid (persistent buffer ``pos_table``, loadable from
+            a checkpoint), bicubically resized to each level
+            (:func:`~mmlayers.layers.posembed.resize_pos_table`).
+        spm_eps: epsilon of the spatial prior's channel LayerNorms (official: 1e-6).
         norm_layer, act_layer: classes for the interaction blocks.
         backend: deformable-attention op backend.
 
@@ -132,7 +156,8 @@ class ViTAdapterPyramid(nn.Module):
                  interaction_indexes: Sequence[tuple[int, int]] | None = None,
                  num_points: int = 4, ratio: float = 0.5, ffn_ratio: float = 0.25,
                  num_extra_extractors: int = 2, inplanes: int = 64, in_chans: int = 3,
-                 pos_embed: bool = True, norm_layer: type[nn.Module] = nn.LayerNorm,
+                 pos_embed: bool = True, pos_table: str = "exact", spm_eps: float = 1e-5,
+                 norm_layer: type[nn.Module] = nn.LayerNorm,
                  act_layer: type[nn.Module] = nn.GELU, backend: str | None = None,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -147,7 +172,8 @@ class ViTAdapterPyramid(nn.Module):
         self.dim, self.depth, self.grid_size = dim, depth, (int(grid_size[0]), int(grid_size[1]))
         self.interaction_indexes = groups
         kw = {"device": device, "dtype": dtype}
-        self.spm = SpatialPriorModule(dim, in_chans=in_chans, inplanes=inplanes, **kw)
+        self.spm = SpatialPriorModule(dim, in_chans=in_chans, inplanes=inplanes, norm_eps=spm_eps,
+                                      **kw)
         self.level_embed = nn.Parameter(torch.empty(3, dim, **kw))
         self.interactions = nn.ModuleList(
             InteractionBlock(dim, num_heads=num_heads, num_points=num_points, ratio=ratio,
@@ -161,7 +187,7 @@ class ViTAdapterPyramid(nn.Module):
         self.level_sizes = [(4 * h, 4 * w), (2 * h, 2 * w), (h, w), (math.ceil(h / 2), math.ceil(w / 2))]
         self.pos_embed = pos_embed
         if pos_embed:
-            _level_pos_embeds(self, self.level_sizes, dim, self.grid_size, device)
+            _level_pos_embeds(self, self.level_sizes, dim, self.grid_size, device, pos_table)
         self.grad_checkpointing = False
         self.reset_parameters()
 
@@ -245,7 +271,7 @@ class ViTAdapterPyramid(nn.Module):
             xm = maps[-((-(i + 1) * g) // 4) - 1]  # the block ending the (i+1)-th quarter
             level = cm + resize_map(xm, tuple(cm.shape[-2:])).to(cm.dtype)
             if self.pos_embed:
-                level = level + getattr(self, f"pos_embed_{i}").to(level.dtype)
+                level = level + _level_table(self, i, tuple(level.shape[-2:])).to(level.dtype)
             levels.append(level)
         return AdapterOutput(hidden, levels)
 
@@ -273,6 +299,7 @@ class SimpleFeaturePyramid(nn.Module):
         out_dim: output channels (default ``dim``).
         scales: per-level scale factors, each one of 4, 2, 1, 0.5.
         pos_embed: add the fixed 2-D sincos table to every level.
+        pos_table: ``"exact"`` or ``"official"`` (as :class:`ViTAdapterPyramid`).
         norm_layer: 2-D norm class (channel LayerNorm); act_layer: activation class.
 
     Shapes:
@@ -290,7 +317,7 @@ class SimpleFeaturePyramid(nn.Module):
 
     def __init__(self, dim: int, *, grid_size: tuple[int, int], out_dim: int | None = None,
                  scales: Sequence[float] = (4.0, 2.0, 1.0, 0.5), pos_embed: bool = True,
-                 norm_layer: type[nn.Module] = LayerNorm2d, act_layer: type[nn.Module] = nn.GELU,
+                 pos_table: str = "exact", norm_layer: type[nn.Module] = LayerNorm2d, act_layer: type[nn.Module] = nn.GELU,
                  device=None, dtype=None) -> None:
         super().__init__()
         bad = [s for s in scales if float(s) not in self._SCALES]
@@ -322,7 +349,7 @@ class SimpleFeaturePyramid(nn.Module):
         self.level_sizes = [(int(h * s), int(w * s)) for s in self.scales]
         self.pos_embed = pos_embed
         if pos_embed:
-            _level_pos_embeds(self, self.level_sizes, out_dim, self.grid_size, device)
+            _level_pos_embeds(self, self.level_sizes, out_dim, self.grid_size, device, pos_table)
 
     @property
     def feature_info(self) -> list[dict]:
@@ -342,5 +369,6 @@ class SimpleFeaturePyramid(nn.Module):
                              f"{self.grid_size[1]}), got {tuple(x.shape)}")
         levels = [branch(x) for branch in self.branches]
         if self.pos_embed:
-            levels = [m + getattr(self, f"pos_embed_{i}").to(m.dtype) for i, m in enumerate(levels)]
+            levels = [m + _level_table(self, i, tuple(m.shape[-2:])).to(m.dtype)
+                      for i, m in enumerate(levels)]
         return levels

@@ -65,6 +65,7 @@ class SpatialPriorModule(nn.Module):
         inplanes: stem width (ViT-Adapter uses 64); later stages use 2× and 4×.
         norm_layer: 2-D norm class (default channel LayerNorm).
         act_layer: activation class.
+        norm_eps: epsilon of every ``norm_layer`` (1e-5; the official ViT-Adapter uses 1e-6).
 
     Shapes:
         image (b, c, H, W) → four maps (b, d, ⌈H/4⌉, ⌈W/4⌉) … (b, d, ⌈H/32⌉, ⌈W/32⌉).
@@ -75,16 +76,21 @@ class SpatialPriorModule(nn.Module):
         >>> spm = SpatialPriorModule(32, inplanes=8)
         >>> [tuple(m.shape) for m in spm(torch.rand(1, 3, 64, 64))]
         [(1, 32, 16, 16), (1, 32, 8, 8), (1, 32, 4, 4), (1, 32, 2, 2)]
+        >>> SpatialPriorModule(32, inplanes=8, norm_eps=1e-6).stem[1].eps
+        1e-06
     """
 
     def __init__(self, dim: int, *, in_chans: int = 3, inplanes: int = 64,
                  norm_layer: type[nn.Module] = LayerNorm2d, act_layer: type[nn.Module] = nn.ReLU,
-                 device=None, dtype=None) -> None:
+                 norm_eps: float = 1e-5, device=None, dtype=None) -> None:
         super().__init__()
+        if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or norm_eps <= 0:
+            raise ValueError(f"norm_eps must be a positive number, got {norm_eps!r}")
         kw = {"device": device, "dtype": dtype}
 
         def conv(i: int, o: int, stride: int) -> list[nn.Module]:
-            return [nn.Conv2d(i, o, 3, stride, 1, bias=False, **kw), norm_layer(o, **kw), act_layer()]
+            return [nn.Conv2d(i, o, 3, stride, 1, bias=False, **kw),
+                    norm_layer(o, eps=norm_eps, **kw), act_layer()]
 
         p = inplanes
         self.stem = nn.Sequential(*conv(in_chans, p, 2), *conv(p, p, 1), *conv(p, p, 1),

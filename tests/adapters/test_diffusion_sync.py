@@ -249,3 +249,60 @@ def test_bad_input_errors():
         UNetSynchronizer.for_unet(tiny_unet(mid_block_type=None), value_dim=12)
     with pytest.raises(ValueError, match="no_image"):
         UNetSynchronizer.for_unet(unet, no_image="skip", **SYNC)
+
+
+def test_official_query_table_stored_and_bicubic_resized():
+    """``pos_table="official"``: the query gets the stored (G·G, c) table, resized
+    bicubically to the map (oracle: the Keys kernel written out here, fp64)."""
+    import math
+
+    from mmlayers.adapters.skip_sync import SkipSynchronizer
+
+    def w(t):
+        t = abs(t)
+        return (1.25 * t ** 3 - 2.25 * t ** 2 + 1 if t <= 1
+                else -0.75 * t ** 3 + 3.75 * t ** 2 - 6 * t + 3 if t < 2 else 0.0)
+
+    def bicubic(maps, size):  # (c, G, G) -> (c, size, size)
+        c, g, _ = maps.shape
+        out = torch.zeros(c, size, size, dtype=torch.float64)
+        for i in range(size):
+            for j in range(size):
+                sy, sx = (i + 0.5) * g / size - 0.5, (j + 0.5) * g / size - 0.5
+                y0, x0 = math.floor(sy), math.floor(sx)
+                for m in range(-1, 3):
+                    for n in range(-1, 3):
+                        yy, xx = min(max(y0 + m, 0), g - 1), min(max(x0 + n, 0), g - 1)
+                        out[:, i, j] += w(sy - y0 - m) * w(sx - x0 - n) * maps[:, yy, xx]
+        return out
+
+    blk = SkipSynchronizer(channels=8, value_dim=6, size=4, grid_size=(4, 4), dim=8, heads=2,
+                           points=2, level_sizes=(4, 2), pos_table="official").double()
+    assert blk.state_dict()["pos_embed"].shape == (16, 8)
+    stored = torch.randn(16, 8, dtype=torch.float64)
+    blk.load_state_dict({**blk.state_dict(), "pos_embed": stored})
+    seen = []
+    blk.sync.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    values = blk.project_values(torch.randn(1, 1, 20, 6, dtype=torch.float64))
+    maps = stored.float().double().T.reshape(8, 4, 4)
+    for size in (4, 2, 3):
+        x = torch.randn(1, 8, size, size, dtype=torch.float64)
+        with torch.no_grad():
+            blk(x, values, torch.tensor([True]))
+            base = blk.query_norm(x.flatten(2).transpose(1, 2))
+        want = maps if size == 4 else bicubic(maps, size)
+        got = (seen[-1] - base)[0].T.reshape(8, size, size)
+        torch.testing.assert_close(got, want, rtol=0, atol=3e-6)
+    with pytest.raises(ValueError, match="pos_table must be 'exact' or 'official', got 'yx'"):
+        SkipSynchronizer(channels=8, value_dim=6, size=4, grid_size=(4, 4), pos_table="yx")
+    with pytest.raises(ValueError, match=r"square grid_size, got \(4, 2\)"):
+        SkipSynchronizer(channels=8, value_dim=6, size=4, grid_size=(4, 2), pos_table="official")
+
+
+def test_for_unet_passes_official_table_option():
+    unet = tiny_unet()
+    sync = UNetSynchronizer.for_unet(unet, pos_table="official", **SYNC)
+    keys = [k for k in sync.state_dict() if k.endswith("pos_embed")]
+    assert len(keys) == len(sync.down) + 1
+    assert not any(k.endswith("pos_embed") for k in UNetSynchronizer.for_unet(unet, **SYNC)
+                   .state_dict())

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from mmlayers.layers.posembed import sincos_1d, sincos_2d
+from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_1d, sincos_2d
 
 
 def test_sincos_1d_hand_computed():
@@ -68,3 +68,97 @@ def test_sincos_deterministic_dtype_device():
 def test_sincos_errors(fn, args, match):
     with pytest.raises(ValueError, match=match):
         fn(*args)
+
+
+# -- official tables ([y|x], float32, bicubic resize) ------------------------------------
+
+def _bicubic_oracle(grid, out_h, out_w):
+    """fp64 bicubic (Keys, a = -0.75, half-pixel centres, edge-clamped) of (d, G, G) maps,
+    written from the formula, one output pixel at a time."""
+    a = -0.75
+
+    def w(t):
+        t = abs(t)
+        if t <= 1:
+            return (a + 2) * t ** 3 - (a + 3) * t ** 2 + 1
+        if t < 2:
+            return a * t ** 3 - 5 * a * t ** 2 + 8 * a * t - 4 * a
+        return 0.0
+
+    d, g, _ = grid.shape
+    out = torch.zeros(d, out_h, out_w, dtype=torch.float64)
+    for i in range(out_h):
+        sy = (i + 0.5) * g / out_h - 0.5
+        y0 = math.floor(sy)
+        for j in range(out_w):
+            sx = (j + 0.5) * g / out_w - 0.5
+            x0 = math.floor(sx)
+            acc = torch.zeros(d, dtype=torch.float64)
+            for m in range(-1, 3):
+                for n in range(-1, 3):
+                    yy, xx = min(max(y0 + m, 0), g - 1), min(max(x0 + n, 0), g - 1)
+                    acc += w(sy - (y0 + m)) * w(sx - (x0 + n)) * grid[:, yy, xx].double()
+            out[:, i, j] = acc
+    return out
+
+
+def test_sincos_2d_yx_layout_hand_computed():
+    e = sincos_2d(2, 3, 8, layout="yx")
+    # row 1, column 2: y = 1 first, then x = 2 (frequencies 1 and 0.01)
+    want = [math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01),
+            math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02)]
+    torch.testing.assert_close(e[5], torch.tensor(want), rtol=0, atol=1e-7)
+    # the default layout is unchanged: column half first
+    torch.testing.assert_close(sincos_2d(2, 3, 8)[5], torch.tensor(want[4:] + want[:4]),
+                               rtol=0, atol=1e-7)
+
+
+def test_official_table_hand_computed_and_float32_bits():
+    import numpy as np
+
+    e = official_sincos_2d(3, 8, prefix_rows=1)
+    assert e.shape == (10, 8) and e.dtype == torch.float32
+    assert e[0].abs().max().item() == 0.0  # the zero prefix (CLS) row
+    # row 2, column 1 -> y = 2, x = 1; frequencies 10000^(-k/2) = 1, 0.01
+    want = [math.sin(2), math.sin(0.02), math.cos(2), math.cos(0.02),
+            math.sin(1), math.sin(0.01), math.cos(1), math.cos(0.01)]
+    torch.testing.assert_close(e[1 + 2 * 3 + 1].double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    # every step in float32: omega_k = 1 / 10000^(k/K), pos * omega, sin / cos
+    g, dim = 5, 16
+    k = dim // 4
+    om = np.float32(1.0) / np.float32(10000.0) ** (np.arange(k, dtype=np.float32) / np.float32(k))
+    rows = []
+    for i in range(g):
+        for j in range(g):
+            ay, ax = np.float32(i) * om, np.float32(j) * om
+            rows.append(np.concatenate([np.sin(ay), np.cos(ay), np.sin(ax), np.cos(ax)]))
+    assert torch.equal(official_sincos_2d(g, dim), torch.from_numpy(np.stack(rows)))
+
+
+@pytest.mark.parametrize("size", [(2, 2), (6, 6), (3, 5)])
+def test_resize_pos_table_matches_bicubic_formula(size):
+    g, d = 4, 8
+    table = torch.randn(1 + g * g, d, dtype=torch.float64)
+    out = resize_pos_table(table, size, prefix_rows=1)
+    assert out.dtype == torch.float64 and out.shape == (1 + size[0] * size[1], d)
+    assert torch.equal(out[0], table[0])
+    # the official resize runs in float32: round the input and compare to fp32 precision
+    want = _bicubic_oracle(table[1:].float().double().T.reshape(d, g, g), *size)
+    got = out[1:].T.reshape(d, *size)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    # same size: the stored table itself, no float32 round trip
+    assert resize_pos_table(table, g, prefix_rows=1) is table
+
+
+def test_official_errors():
+    with pytest.raises(ValueError, match="multiple of 4, got 6"):
+        official_sincos_2d(2, 6)
+    with pytest.raises(ValueError, match="positive integer grid, got 0"):
+        official_sincos_2d(0, 8)
+    with pytest.raises(ValueError, match="layout must be 'xy' or 'yx', got 'hw'"):
+        sincos_2d(2, 2, 8, layout="hw")
+    with pytest.raises(ValueError, match="square grid, got 15 rows"):
+        resize_pos_table(torch.zeros(15, 4), 2)
+    with pytest.raises(ValueError, match="2-D tensor"):
+        resize_pos_table(torch.zeros(16), 2)

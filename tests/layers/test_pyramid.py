@@ -188,3 +188,74 @@ def test_simple_feature_pyramid():
         fpn(torch.randn(2, 32, 5, 5))
     with pytest.raises(ValueError, match=r"scales must be a non-empty subset of .* got \(3,\)"):
         SimpleFeaturePyramid(32, grid_size=(4, 4), scales=(3,))
+
+
+def _bicubic_fp64(maps, size):
+    """Independent bicubic (Keys a = -0.75, half-pixel, edge clamp) of (d, G, G) in fp64."""
+    import math
+
+    def w(t):
+        t = abs(t)
+        return (1.25 * t ** 3 - 2.25 * t ** 2 + 1 if t <= 1
+                else -0.75 * t ** 3 + 3.75 * t ** 2 - 6 * t + 3 if t < 2 else 0.0)
+
+    d, g, _ = maps.shape
+    out = torch.zeros(d, size, size, dtype=torch.float64)
+    for i in range(size):
+        for j in range(size):
+            sy, sx = (i + 0.5) * g / size - 0.5, (j + 0.5) * g / size - 0.5
+            y0, x0 = math.floor(sy), math.floor(sx)
+            for m in range(-1, 3):
+                for n in range(-1, 3):
+                    yy, xx = min(max(y0 + m, 0), g - 1), min(max(x0 + n, 0), g - 1)
+                    out[:, i, j] += w(sy - y0 - m) * w(sx - x0 - n) * maps[:, yy, xx]
+    return out
+
+
+@pytest.mark.parametrize("cls", ["adapter", "simple"])
+def test_official_stored_table_is_resized_per_level(cls):
+    vit = tiny_vit()
+    torch.manual_seed(1)
+    if cls == "adapter":
+        off = ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_table="official").double()
+        bare = ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_embed=False).double()
+
+        def run(p, x):
+            return p(x, vit.double()).levels
+        x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
+    else:
+        off = SimpleFeaturePyramid(32, grid_size=(4, 4), pos_table="official").double()
+        bare = SimpleFeaturePyramid(32, grid_size=(4, 4), pos_embed=False).double()
+
+        def run(p, x):
+            return p(x)
+        x = torch.randn(1, 32, 4, 4, dtype=torch.float64)
+    # a persistent (H·W, d) buffer: saved and loadable like the official pos_embed
+    assert off.state_dict()["pos_table"].shape == (16, 32)
+    stored = torch.randn(16, 32, dtype=torch.float64)
+    state = {**bare.state_dict(), "pos_table": stored}
+    off.load_state_dict(state)
+    with torch.no_grad():
+        a, b = run(off, x), run(bare, x)
+    maps = rearrange(stored.float().double(), "(H W) d -> d H W", H=4)
+    for level, size in zip(range(4), [16, 8, 4, 2], strict=True):
+        want = maps if size == 4 else _bicubic_fp64(maps, size)
+        torch.testing.assert_close(a[level][0] - b[level][0], want, rtol=0, atol=3e-6)
+
+
+def test_official_table_default_values_and_spm_eps():
+    vit = tiny_vit()
+    p = ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_table="official", spm_eps=1e-6)
+    # [y | x] halves: row i, column j = (1, 2) -> first half encodes y = 1, second x = 2
+    omega = 10000.0 ** (-torch.arange(8, dtype=torch.float64) / 8)
+    want = torch.cat([torch.sin(1 * omega), torch.cos(1 * omega),
+                      torch.sin(2 * omega), torch.cos(2 * omega)])
+    torch.testing.assert_close(p.pos_table[1 * 4 + 2].double(), want, rtol=0, atol=1e-6)
+    eps = {m.eps for m in p.spm.modules() if isinstance(m, nn.LayerNorm)}
+    assert eps == {1e-6}
+    assert {m.eps for m in ViTAdapterPyramid.from_vit(vit, inplanes=8).spm.modules()
+            if isinstance(m, nn.LayerNorm)} == {1e-5}
+    with pytest.raises(ValueError, match="pos_table must be 'exact' or 'official', got 'x'"):
+        ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_table="x")
+    with pytest.raises(ValueError, match="norm_eps must be a positive number, got 0"):
+        ViTAdapterPyramid.from_vit(vit, inplanes=8, spm_eps=0)
