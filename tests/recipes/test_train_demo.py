@@ -51,8 +51,17 @@ def _losses(out_dir: Path) -> dict[int, tuple]:
             for r in rows if "loss" in r}
 
 
+def _lrs(out_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["lr"] for r in map(json.loads, open(out_dir / "metrics.jsonl"))
+            if "lr" in r}
+
+
 def test_resume_continues_exactly(tmp_path):
-    common = MICRO + ["train.steps=4", "train.save_every=2", "train.eval_every=0"]
+    """Interrupted after step 2 and resumed: the LR of every step, the losses and the final
+    weights are those of the uninterrupted run (which is the oracle)."""
+    from safetensors.torch import load_file
+
+    common = MICRO + ["train.steps=6", "train.save_every=2", "train.eval_every=0"]
     full = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'a'}"])
     train.train(full)
     part = train.load_config(train.DEFAULT_CONFIG, common + [f"train.out_dir={tmp_path / 'b'}",
@@ -62,11 +71,19 @@ def test_resume_continues_exactly(tmp_path):
     part["train"]["stop_after"] = None
     train.train(part, resume=True)
     a, b = _losses(tmp_path / "a"), _losses(tmp_path / "b")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
-    for step in (3, 4):
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    lr_a, lr_b = _lrs(tmp_path / "a"), _lrs(tmp_path / "b")
+    assert len(set(lr_a.values())) >= 4            # warm-up and cosine: the LR moves every step
+    assert lr_b == pytest.approx(lr_a, rel=1e-12)
+    for step in (3, 4, 5, 6):
         assert a[step] == pytest.approx(b[step], rel=1e-6, abs=1e-7), step
+    wa = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-7, msg=k)
     ckpts = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
-    assert ckpts == ["latest", "step_000002", "step_000004"]   # no .tmp left behind
+    assert ckpts == ["latest", "step_000004", "step_000006"]   # no .tmp left behind
 
 
 def test_short_demo_writes_its_page(tmp_path):
