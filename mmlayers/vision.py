@@ -5,7 +5,7 @@ s flattened pyramid tokens · d ViT width · c,H,W image.
 
 MM-Interleaved sees every image twice: as ``num_tokens`` (64) embeddings placed in the
 LLM's sequence, and as a pyramid of feature maps that the feature synchronizers sample
-(levels 1–3 for the LLM, 0–3 for the UNet). :class:`VisualTokenizer` composes a frozen
+(levels 1–3 for the LLM, 0–3 for the UNet). [`VisualTokenizer`][mmlayers.vision.VisualTokenizer] composes a frozen
 Hugging Face ViT, an optional trainable pyramid and a trainable perceiver resampler::
 
     x      = (images − mean) / std                    images in [0, 1]
@@ -26,6 +26,7 @@ from torch import nn
 from mmlayers.layers.hf_vit import as_vit_backbone
 from mmlayers.layers.posembed import official_sincos_2d, sincos_2d
 from mmlayers.layers.pyramid import SimpleFeaturePyramid, ViTAdapterPyramid
+from mmlayers.layers.qformer import QFormerResampler
 from mmlayers.layers.resampler import PerceiverResampler
 
 __all__ = ["CLIP_MEAN", "CLIP_STD", "VisualTokenizer", "VisualTokenizerOutput", "flatten_levels"]
@@ -46,13 +47,14 @@ def flatten_levels(levels: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[t
 
 @dataclass
 class VisualTokenizerOutput:
-    """What :class:`VisualTokenizer` returns.
+    """What [`VisualTokenizer`][mmlayers.vision.VisualTokenizer] returns.
 
     Attributes:
         tokens: (b, n, llm_dim) embeddings for the LLM's image slots.
         pyramid: l maps (b, d, H_l, W_l), finest first (empty without a pyramid).
         last_hidden_state: (b, t, d) the (adapted) ViT's last hidden state.
-        llm_levels, unet_levels: which pyramid levels each consumer uses.
+        llm_levels: pyramid levels read by the LLM.
+        unet_levels: pyramid levels read by the UNet.
     """
 
     tokens: torch.Tensor
@@ -83,29 +85,41 @@ class VisualTokenizerOutput:
 class VisualTokenizer(nn.Module):
     """Frozen ViT (+ trainable pyramid) + trainable perceiver resampler (module docstring).
 
-    The constructor freezes nothing; :meth:`freeze_vit` does (the builders
-    :meth:`from_config` and :meth:`from_pretrained_vit` call it by default).
+    The constructor freezes nothing; [`freeze_vit`][mmlayers.vision.VisualTokenizer.freeze_vit] does (the builders
+    [`from_config`][mmlayers.vision.VisualTokenizer.from_config] and [`from_pretrained_vit`][mmlayers.vision.VisualTokenizer.from_pretrained_vit] call it by default).
 
     Args:
         vit: a Hugging Face vision model (``CLIPVisionModel``, ``SiglipVisionModel``,
-            ``ViTModel``, …) or a :class:`~mmlayers.layers.hf_vit.ViTBackbone`.
+            ``ViTModel``, …) or a [`ViTBackbone`][mmlayers.layers.hf_vit.ViTBackbone].
         llm_dim: width of the output tokens.
-        pyramid: ``"adapter"`` (:class:`ViTAdapterPyramid`), ``"simple"``
-            (:class:`SimpleFeaturePyramid`) or ``None``.
+        pyramid: ``"adapter"`` ([`ViTAdapterPyramid`][mmlayers.layers.pyramid.ViTAdapterPyramid]), ``"simple"``
+            ([`SimpleFeaturePyramid`][mmlayers.layers.pyramid.SimpleFeaturePyramid]) or ``None``.
         pyramid_kwargs: extra keyword arguments for the pyramid.
         num_tokens: resampler queries n (64).
-        resampler_dim, resampler_depth, resampler_heads, cross_every, qk_norm: resampler
-            shape (768, 12, 12, 2, True in MM-Interleaved).
-        llm_levels, unet_levels: pyramid levels for each consumer ((1, 2, 3), (0, 1, 2, 3)).
-        image_mean, image_std: per-channel normalisation (CLIP's by default).
+        resampler_dim: resampler width (768 in MM-Interleaved).
+        resampler_depth: resampler layers (12).
+        resampler_heads: resampler heads (12).
+        cross_every: cross-attention in every ``cross_every``-th resampler layer (2).
+        qk_norm: LayerNorm on per-head queries and keys (True).
+        llm_levels: pyramid levels for the LLM ((1, 2, 3)).
+        unet_levels: pyramid levels for the UNet ((0, 1, 2, 3)).
+        image_mean: per-channel normalisation mean (CLIP's by default).
+        image_std: per-channel normalisation standard deviation (CLIP's by default).
         pos_table: 2-D position tables of the resampler input and (unless
             ``pyramid_kwargs`` says otherwise) of the pyramid levels: ``"exact"`` (default,
-            :func:`~mmlayers.layers.posembed.sincos_2d`, not saved) or ``"official"`` (the
+            [`sincos_2d`][mmlayers.layers.posembed.sincos_2d], not saved) or ``"official"`` (the
             official stored ``[y|x]`` float32 table, a persistent buffer ``pos_embed``
             of shape (H·W, d) that loads from a checkpoint; levels resize theirs bicubically).
+        resampler: ``"perceiver"`` (default, pre-norm
+            [`PerceiverResampler`][mmlayers.layers.resampler.PerceiverResampler]) or
+            ``"qformer"`` (the official post-norm BLIP-2 Q-Former,
+            [`QFormerResampler`][mmlayers.layers.qformer.QFormerResampler];
+            ``resampler.proj`` is the official ``visual_tokenizer.proj``).
+        resampler_kwargs: extra keyword arguments of the resampler class (e.g. ``mlp_dim``,
+            ``dropout`` of the Q-Former).
 
     Shapes:
-        images (b, c, H·p, W·p) in [0, 1] → :class:`VisualTokenizerOutput`.
+        images (b, c, H·p, W·p) in [0, 1] → [`VisualTokenizerOutput`][mmlayers.vision.VisualTokenizerOutput].
 
     Examples:
         >>> import torch
@@ -130,10 +144,13 @@ class VisualTokenizer(nn.Module):
                  cross_every: int = 2, qk_norm: bool = True,
                  llm_levels: Sequence[int] = (1, 2, 3), unet_levels: Sequence[int] = (0, 1, 2, 3),
                  image_mean: Sequence[float] = CLIP_MEAN, image_std: Sequence[float] = CLIP_STD,
-                 pos_table: str = "exact", device=None, dtype=None) -> None:
+                 pos_table: str = "exact", resampler: str = "perceiver",
+                 resampler_kwargs: dict | None = None, device=None, dtype=None) -> None:
         super().__init__()
         if pos_table not in ("exact", "official"):
             raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")
+        if resampler not in ("perceiver", "qformer"):
+            raise ValueError(f"resampler must be 'perceiver' or 'qformer', got {resampler!r}")
         self.vit = as_vit_backbone(vit)
         d, grid = self.vit.hidden_size, self.vit.grid_size
         if len(image_mean) != self.vit.num_channels or len(image_std) != self.vit.num_channels:
@@ -169,10 +186,10 @@ class VisualTokenizer(nn.Module):
         else:
             self.register_buffer("pos_embed", sincos_2d(grid[0], grid[1], d, device=device),
                                  persistent=False)
-        self.resampler = PerceiverResampler(
+        self.resampler = (QFormerResampler if resampler == "qformer" else PerceiverResampler)(
             dim=resampler_dim, num_queries=num_tokens, depth=resampler_depth,
             cross_every=cross_every, context_dim=d, num_heads=resampler_heads, out_dim=llm_dim,
-            out_init_std=1e-3, qk_norm=qk_norm, **kw)
+            out_init_std=1e-3, qk_norm=qk_norm, **(resampler_kwargs or {}), **kw)
         self.register_buffer("image_mean", torch.tensor(image_mean, device=device).view(-1, 1, 1),
                              persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, device=device).view(-1, 1, 1),
@@ -241,7 +258,7 @@ class VisualTokenizer(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, images: torch.Tensor) -> VisualTokenizerOutput:
-        """images (b, c, H·p, W·p) in [0, 1] → :class:`VisualTokenizerOutput`."""
+        """images (b, c, H·p, W·p) in [0, 1] → [`VisualTokenizerOutput`][mmlayers.vision.VisualTokenizerOutput]."""
         self.vit.check_pixels(images)
         x = (images - self.image_mean.to(images.dtype)) / self.image_std.to(images.dtype)
         if isinstance(self.pyramid, ViTAdapterPyramid):

@@ -195,3 +195,24 @@ def test_official_resampler_table_is_stored_and_used():
         torch.testing.assert_close(ctx[0, 0], tok.post_norm(base))
     with pytest.raises(ValueError, match="pos_table must be 'exact' or 'official', got 'yx'"):
         VisualTokenizer(clip_vit(), pyramid=None, pos_table="yx", **SMALL)
+
+
+def test_qformer_resampler_option():
+    from mmlayers.layers.qformer import QFormerResampler
+
+    tok = VisualTokenizer(clip_vit(), pyramid=None, resampler="qformer",
+                          resampler_kwargs={"mlp_dim": 40}, **SMALL).eval()
+    r = tok.resampler
+    assert isinstance(r, QFormerResampler) and r.qk_norm
+    cfg = r.blip2qformer.config
+    assert (cfg.num_hidden_layers, cfg.cross_attention_frequency, cfg.encoder_hidden_size,
+            cfg.intermediate_size) == (2, 2, 32, 40)
+    assert 0.5e-3 < r.proj.weight.std().item() < 2e-3  # official 768 -> LLM init, std 1e-3
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = tok(images)
+        want = r(tok.resampler_context(out.last_hidden_state))
+    assert out.tokens.shape == (2, 6, 48)
+    torch.testing.assert_close(out.tokens, want)
+    with pytest.raises(ValueError, match="resampler must be 'perceiver' or 'qformer', got 'q'"):
+        VisualTokenizer(clip_vit(), pyramid=None, resampler="q", **SMALL)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from mmlayers.layers.posembed import sincos_1d
+from mmlayers.layers.qformer import QFormerResampler
 from mmlayers.layers.resampler import PerceiverResampler
 
 __all__ = ["ImageContextEncoder", "ImageContexts", "image_contexts"]
@@ -38,7 +39,8 @@ class ImageContexts:
             left-aligned, zeros after ``lengths``.
         padding_mask: (k, s) bool, True = padding.
         lengths: (k,) long span lengths.
-        rows, soi_positions: (k,) long: row and position of each image's ``<soi>``.
+        rows: (k,) long, row of each image's ``<soi>``.
+        soi_positions: (k,) long, position of each image's ``<soi>`` in its row.
         has_context: (k,) bool: the span holds a token other than ``<s>`` and ``<soi>``
             (images without one get no diffusion loss).
     """
@@ -61,17 +63,18 @@ def image_contexts(hidden_states: torch.Tensor, input_ids: torch.Tensor, *, soi_
     Args:
         hidden_states: (b, n, d) LLM hidden states.
         input_ids: (b, n) token ids.
-        soi_id, bos_id: ids of ``<soi>`` and ``<s>``.
+        soi_id: id of ``<soi>``.
+        bos_id: id of ``<s>``.
         max_length: keep at most this many tokens per span (the ones nearest ``<soi>``).
 
     Returns:
-        :class:`ImageContexts` with k = number of ``<soi>`` tokens.
+        [`ImageContexts`][mmlayers.adapters.context.ImageContexts] with k = number of ``<soi>`` tokens.
 
     Note:
         Two device→host copies (the ``<soi>`` positions and the longest span) size the
         output.
 
-    Example:
+    Examples:
         >>> import torch
         >>> S, SOI, x = 1, 5, 9
         >>> ids = torch.tensor([[S, x, x, SOI, 7, S, SOI]])
@@ -116,18 +119,23 @@ class ImageContextEncoder(nn.Module):
         context_dim: LLM width (input width and width of the context Linear).
         out_dim: the UNet's ``cross_attention_dim`` (1024 for SD-2.1).
         num_queries: n output tokens (77, the CLIP text length).
-        hidden_dim, depth, num_heads: resampler shape (paper: 1024, 1, 16).
+        hidden_dim: resampler width (paper: 1024).
+        depth: resampler layers (paper: 1).
+        num_heads: resampler heads (paper: 16).
         uncond_prob: probability, in training mode, that an image's output is replaced by
             the negative embedding (0.1).
-        resampler_kwargs: extra :class:`~mmlayers.layers.resampler.PerceiverResampler`
-            arguments (``qk_norm``, ``mlp_ratio``, …).
+        resampler_kwargs: extra [`PerceiverResampler`][mmlayers.layers.resampler.PerceiverResampler]
+            arguments (``qk_norm``, ``mlp_ratio``, …), or of the Q-Former.
+        resampler: ``"perceiver"`` (default) or ``"qformer"``: the official post-norm
+            BLIP-2 Q-Former ([`QFormerResampler`][mmlayers.layers.qformer.QFormerResampler];
+            no qk-norm, no dropout, FFN 3072 unless ``resampler_kwargs`` says otherwise).
 
     Shapes:
         ``forward(context (b, s, context_dim), padding_mask (b, s) bool)`` → (b, n, out_dim).
         ``context`` is in sequence order (``<soi>`` last of each row's valid part, padding
-        after it, as :func:`image_contexts` returns); it is reversed inside.
+        after it, as [`image_contexts`][mmlayers.adapters.context.image_contexts] returns); it is reversed inside.
 
-    Example:
+    Examples:
         >>> import torch
         >>> enc = ImageContextEncoder(context_dim=16, out_dim=8, num_queries=5, hidden_dim=16,
         ...                           num_heads=2)
@@ -143,7 +151,7 @@ class ImageContextEncoder(nn.Module):
     def __init__(self, *, context_dim: int, out_dim: int, num_queries: int = 77,
                  hidden_dim: int = 1024, depth: int = 1, num_heads: int = 16,
                  uncond_prob: float = 0.1, resampler_kwargs: dict | None = None,
-                 device=None, dtype=None) -> None:
+                 resampler: str = "perceiver", device=None, dtype=None) -> None:
         super().__init__()
         for name, v in (("context_dim", context_dim), ("out_dim", out_dim),
                         ("num_queries", num_queries)):
@@ -157,10 +165,15 @@ class ImageContextEncoder(nn.Module):
         self.context_dim, self.out_dim, self.num_queries = context_dim, out_dim, num_queries
         self.uncond_prob = float(uncond_prob)
         self.proj = nn.Linear(context_dim, context_dim, **kw)
-        self.resampler = PerceiverResampler(
+        if resampler not in ("perceiver", "qformer"):
+            raise ValueError(f"resampler must be 'perceiver' or 'qformer', got {resampler!r}")
+        rkw = dict(resampler_kwargs or {})
+        if resampler == "qformer":  # the official context encoder's settings
+            rkw = {"qk_norm": False, "dropout": 0.0, "attention_dropout": 0.0, **rkw}
+        self.resampler = (QFormerResampler if resampler == "qformer" else PerceiverResampler)(
             dim=hidden_dim, num_queries=num_queries, depth=depth, cross_every=1,
             context_dim=context_dim, num_heads=num_heads,
-            out_dim=None if out_dim == hidden_dim else out_dim, **(resampler_kwargs or {}), **kw)
+            out_dim=None if out_dim == hidden_dim else out_dim, **rkw, **kw)
         self.negative_embedding = nn.Parameter(torch.empty(num_queries, out_dim, **kw))
         self.reset_parameters()
 

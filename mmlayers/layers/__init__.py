@@ -10,6 +10,7 @@ from mmlayers.layers.pyramid import (
     ViTAdapterPyramid,
     split_depth,
 )
+from mmlayers.layers.qformer import QFormerResampler
 from mmlayers.layers.resampler import PerceiverResampler
 from mmlayers.layers.synchronizer import (
     FeatureSynchronizer,
@@ -24,6 +25,7 @@ __all__ = [
     "MultiScaleDeformableAttention",
     "PerceiverResampler",
     "PreparedValues",
+    "QFormerResampler",
     "SimpleFeaturePyramid",
     "ViTAdapterPyramid",
     "ViTBackbone",

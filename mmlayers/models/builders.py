@@ -1,4 +1,4 @@
-"""Builders: an :class:`~mmlayers.models.config.MMInterleavedConfig` → the parts of the model.
+"""Builders: an [`MMInterleavedConfig`][mmlayers.models.config.MMInterleavedConfig] → the parts of the model.
 
 Each part is loaded from a local directory (``local_files_only``, nothing is downloaded)
 or built with random weights from its config dictionary. ``transformers`` and
@@ -45,7 +45,7 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
 
 
 def build_visual(cfg: VisionConfig, *, llm_dim: int) -> nn.Module:
-    """A :class:`~mmlayers.vision.VisualTokenizer` (ViT frozen or not as ``cfg.freeze``)."""
+    """A [`VisualTokenizer`][mmlayers.vision.VisualTokenizer] (ViT frozen or not as ``cfg.freeze``)."""
     from mmlayers.vision import VisualTokenizer
 
     kw: dict[str, Any] = dict(
@@ -53,7 +53,8 @@ def build_visual(cfg: VisionConfig, *, llm_dim: int) -> nn.Module:
         num_tokens=cfg.num_tokens, resampler_dim=cfg.resampler_dim,
         resampler_depth=cfg.resampler_depth, resampler_heads=cfg.resampler_heads,
         cross_every=cfg.cross_every, qk_norm=cfg.qk_norm, llm_levels=tuple(cfg.llm_levels),
-        unet_levels=tuple(cfg.unet_levels))
+        unet_levels=tuple(cfg.unet_levels), resampler=cfg.resampler,
+        resampler_kwargs=dict(cfg.resampler_kwargs) or None, pos_table=cfg.pos_table)
     if cfg.path is not None:
         return VisualTokenizer.from_pretrained_vit(cfg.path, freeze_vit=cfg.freeze, **kw)
     return VisualTokenizer.from_config(_hf_config(cfg.config, "vision"), freeze_vit=cfg.freeze,
@@ -127,7 +128,7 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
     encoder = ImageContextEncoder(context_dim=context_dim, out_dim=width,
                                   num_queries=cfg.context_queries, hidden_dim=cfg.context_hidden,
                                   depth=cfg.context_depth, num_heads=cfg.context_heads,
-                                  uncond_prob=cfg.uncond_prob)
+                                  uncond_prob=cfg.uncond_prob, resampler=cfg.context_resampler)
     if cfg.path is not None and cfg.init_negative_from_text_encoder:
         neg = _negative_from_text_encoder(cfg.path)
         if neg is not None:
@@ -135,7 +136,8 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
     sync = UNetSynchronizer.for_unet(
         unet, value_dim=value_dim, dim=cfg.sync_dim, heads=cfg.sync_heads,
         points=cfg.sync_points, level_sizes=tuple(level_sizes), offset_init=cfg.sync_offset_init,
-        max_images=cfg.sync_max_images, no_image=cfg.sync_no_image, backend=backend)
+        max_images=cfg.sync_max_images, no_image=cfg.sync_no_image, backend=backend,
+        pos_table=cfg.sync_pos_table)
     sync.attach(unet)
     if cfg.cross_attention_positions:
         from mmlayers.adapters.query_positions import add_cross_attention_positions

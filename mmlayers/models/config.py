@@ -4,9 +4,9 @@ Every part is either loaded from a local directory (``path``; nothing is downloa
 built with random weights from a config dictionary (``config``: keyword arguments of a
 ``transformers`` / ``diffusers`` config). Two presets:
 
-- :meth:`MMInterleavedConfig.tiny`: the CPU demo (4-layer Llama, 2-layer CLIP ViT at
+- [`MMInterleavedConfig.tiny`][mmlayers.models.config.MMInterleavedConfig.tiny]: the CPU demo (4-layer Llama, 2-layer CLIP ViT at
   32 px, pixel-space 32-px UNet; everything random-init and trained);
-- :meth:`MMInterleavedConfig.paper_13b`: the paper's system (Vicuna-13B, CLIP ViT-L/14,
+- [`MMInterleavedConfig.paper_13b`][mmlayers.models.config.MMInterleavedConfig.paper_13b]: the paper's system (Vicuna-13B, CLIP ViT-L/14,
   SD-2.1-base) from local directories, with the paper's adapter sizes and freezing.
 """
 
@@ -40,10 +40,16 @@ class LLMConfig:
         path: local Hugging Face directory of a causal LM; ``None``: random init from
             ``config`` (keyword arguments of ``AutoConfig.for_model``, with ``model_type``).
         freeze: keep the base LLM frozen (the synchronizers and image tokens always train).
-        sync_every, sync_layers: synchronizers in layers ``i % sync_every == 0`` or the
-            listed ones.
-        sync_dim, sync_heads, sync_points, sync_base_size, sync_offset_init, max_images:
-            synchronizer sizes (``sync_dim`` default: the pyramid width).
+        config: keyword arguments of ``AutoConfig.for_model`` (with ``model_type``) for a
+            random-init LLM.
+        sync_every: synchronizers in layers ``i % sync_every == 0`` (4 in the paper).
+        sync_layers: explicit layer indices instead of ``sync_every``.
+        sync_dim: synchronizer width; default: the pyramid width.
+        sync_heads: synchronizer heads (16).
+        sync_points: sampling points per head, level and image (8).
+        sync_base_size: offset scale base (16).
+        sync_offset_init: sampling-offset bias range (3.0).
+        max_images: rows of the relative-image-position table (50).
         gradient_checkpointing: recompute decoder layers in backward.
         image_token_init_logit: initial logit of ``<soi>`` / ``<image>`` (−100 keeps a
             pretrained LLM's text generation unchanged; 0 for an LLM trained from scratch).
@@ -66,16 +72,28 @@ class LLMConfig:
 
 @dataclass
 class VisionConfig:
-    """ViT + pyramid + resampler (:class:`~mmlayers.vision.VisualTokenizer`).
+    """ViT + pyramid + resampler ([`VisualTokenizer`][mmlayers.vision.VisualTokenizer]).
 
     Attributes:
         path: local directory of a CLIP / SigLIP / ViT model; ``None``: random init from
             ``config`` (with ``model_type``, e.g. ``"clip_vision_model"``).
         freeze: keep the ViT frozen (pyramid and resampler always train).
-        pyramid, pyramid_kwargs: ``"adapter"``, ``"simple"`` or ``None`` and its arguments.
+        config: keyword arguments of the random-init vision config (with ``model_type``).
+        pyramid: ``"adapter"``, ``"simple"`` or ``None``.
+        pyramid_kwargs: keyword arguments of that pyramid.
         num_tokens: visual tokens per image (``<image>`` slots, 64 in the paper).
-        resampler_dim, resampler_depth, resampler_heads, cross_every, qk_norm: resampler.
-        llm_levels, unet_levels: pyramid levels read by the LLM and the UNet synchronizers.
+        resampler_dim: resampler width (768).
+        resampler_depth: resampler layers (12).
+        resampler_heads: resampler heads (12).
+        cross_every: cross-attention in every ``cross_every``-th resampler layer (2).
+        qk_norm: LayerNorm on per-head queries and keys in the resampler.
+        llm_levels: pyramid levels read by the LLM synchronizers.
+        unet_levels: pyramid levels read by the UNet synchronizers.
+        resampler: ``"perceiver"`` (pre-norm, default) or ``"qformer"`` (the official
+            post-norm BLIP-2 Q-Former).
+        resampler_kwargs: extra keyword arguments of the resampler class.
+        pos_table: 2-D position tables of the resampler input and the pyramid levels:
+            ``"exact"`` (default) or ``"official"`` (stored ``[y|x]`` table, bicubic resize).
     """
 
     path: str | None = None
@@ -91,6 +109,9 @@ class VisionConfig:
     qk_norm: bool = True
     llm_levels: list[int] = field(default_factory=lambda: [1, 2, 3])
     unet_levels: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    resampler: str = "perceiver"
+    resampler_kwargs: dict = field(default_factory=dict)
+    pos_table: str = "exact"
 
 
 @dataclass
@@ -105,22 +126,34 @@ class DecoderConfig:
         vae: ``AutoencoderKL`` keyword arguments; ``None`` (and no ``path``): pixel space.
         scheduler: training scheduler, ``{"class_name": "DDPMScheduler", …kwargs}``.
         inference_scheduler: class name of the sampling scheduler (same config).
-        num_inference_steps, guidance_scale: sampling defaults (30, 7.5 in the paper).
+        num_inference_steps: default denoising steps (30 in the paper).
+        guidance_scale: default classifier-free guidance scale (7.5 in the paper).
         freeze_unet: keep the UNet frozen.
         zero_init_cross_attention: for a random-init UNet, start every cross-attention
             output projection (and a pooled text embedding, ``addition_embed_type="text"``)
             at zero, so the UNet ignores the context until it learns to use it (a context it
             cannot use yet would otherwise be pushed to a constant).
         image_size: side of the images the UNet / VAE see (pixels).
-        context_queries, context_hidden, context_depth, context_heads, uncond_prob, max_context:
-            :class:`~mmlayers.adapters.context.ImageContextEncoder`.
+        context_queries: output tokens of the [`ImageContextEncoder`][mmlayers.adapters.context.ImageContextEncoder] (77).
+        context_hidden: its resampler width (1024).
+        context_depth: its resampler layers (1).
+        context_heads: its resampler heads (16).
+        uncond_prob: share of training images whose context is replaced by the negative
+            embedding (0.1).
+        max_context: keep at most this many context tokens per image (those nearest its
+            ``<soi>``); ``None``: all.
         detach_context: stop the diffusion loss's gradient at the LLM hidden states (the
             context encoder still trains). With an LLM trained from scratch, a context the
             UNet cannot use yet is otherwise pushed towards a constant (it collapses).
         init_negative_from_text_encoder: with ``path``, set the negative embedding to the
             text encoder's embedding of ``""``.
-        sync_dim, sync_heads, sync_points, sync_offset_init, sync_max_images, sync_no_image:
-            :class:`~mmlayers.adapters.unet_sync.UNetSynchronizer`.
+        sync_dim: width of the [`UNetSynchronizer`][mmlayers.adapters.unet_sync.UNetSynchronizer] blocks (1024).
+        sync_heads: their heads (16).
+        sync_points: their sampling points per head and level (8).
+        sync_offset_init: their sampling-offset bias range (1.0).
+        sync_max_images: their relative-position table rows (10).
+        sync_no_image: what a block adds for an image with no previous image
+            (``"official"``: the official constant; ``"zero"``: nothing).
         sync_previous_image: the UNet synchronizers read the preceding image's pyramid (the
             paper). ``False`` hides it (an ablation: with ``sync_no_image="zero"`` the
             synchronizers then add nothing).
@@ -129,6 +162,10 @@ class DecoderConfig:
             ([`add_cross_attention_positions`][mmlayers.adapters.query_positions.add_cross_attention_positions]),
             so that the context can say where things go. Not in Stable Diffusion or the
             official decoder: off by default.
+        context_resampler: the context encoder's resampler, ``"perceiver"`` (default) or
+            ``"qformer"`` (the official post-norm BLIP-2 Q-Former).
+        sync_pos_table: the UNet synchronizers' query position tables, ``"exact"``
+            (default) or ``"official"`` (stored ``[y|x]`` table, bicubic resize).
     """
 
     path: str | None = None
@@ -157,6 +194,8 @@ class DecoderConfig:
     sync_no_image: str = "official"
     sync_previous_image: bool = True
     cross_attention_positions: bool = False
+    context_resampler: str = "perceiver"
+    sync_pos_table: str = "exact"
 
 
 @dataclass
@@ -180,9 +219,9 @@ _PARTS = {"tokens": TokenConfig, "llm": LLMConfig, "vision": VisionConfig,
 
 @dataclass
 class MMInterleavedConfig:
-    """Everything needed to rebuild an :class:`~mmlayers.models.MMInterleaved`.
+    """Everything needed to rebuild an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved].
 
-    Example:
+    Examples:
         >>> cfg = MMInterleavedConfig.tiny(vocab_size=40)
         >>> cfg.llm.config["hidden_size"], cfg.vision.num_tokens, cfg.decoder.image_size
         (128, 8, 32)
@@ -207,7 +246,7 @@ class MMInterleavedConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> MMInterleavedConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ``ValueError``."""
+        """Inverse of [`to_dict`][mmlayers.models.config.MMInterleavedConfig.to_dict]; unknown keys raise ``ValueError``."""
         if not isinstance(data, dict):
             raise TypeError(f"expected a dict, got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
@@ -233,7 +272,7 @@ class MMInterleavedConfig:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> MMInterleavedConfig:
-        """Read a config written by :meth:`save`."""
+        """Read a config written by [`save`][mmlayers.models.config.MMInterleavedConfig.save]."""
         with open(path) as f:
             return cls.from_dict(json.load(f))
 
@@ -245,7 +284,7 @@ class MMInterleavedConfig:
 
         Args:
             vocab_size: the tokenizer's vocabulary size (``len(tokenizer)``).
-            tokens: token ids (default: :func:`~mmlayers.data.word_level_tokenizer`'s).
+            tokens: token ids (default: [`word_level_tokenizer`][mmlayers.data.tokenizer.word_level_tokenizer]'s).
             image_size: image side in pixels (ViT input and UNet sample size).
         """
         tokens = tokens or TokenConfig()
@@ -286,7 +325,7 @@ class MMInterleavedConfig:
 
     @classmethod
     def paper_13b_shapes(cls, *, tokens: TokenConfig | None = None) -> MMInterleavedConfig:
-        """:meth:`paper_13b` at the paper's real shapes with random weights and no paths
+        """[`paper_13b`][mmlayers.models.config.MMInterleavedConfig.paper_13b] at the paper's real shapes with random weights and no paths
         (speed and memory work: nothing is read from disk or downloaded).
 
         Vicuna-13B-shaped Llama (hidden 5120, 40 layers, 40 heads, MLP 13824, vocabulary
@@ -296,7 +335,7 @@ class MMInterleavedConfig:
         head dims 5, 10, 20, 20, linear projections, 64² latents) and SD VAE (channels 128,
         256, 512, 512, 4 latent channels), SD-2.1's noise schedule (scaled-linear betas
         0.00085–0.012, ε prediction). Every other setting (synchronizers, adapter, resampler,
-        context encoder, freezing, sampling) is :meth:`paper_13b`'s.
+        context encoder, freezing, sampling) is [`paper_13b`][mmlayers.models.config.MMInterleavedConfig.paper_13b]'s.
 
         Examples:
             >>> c = MMInterleavedConfig.paper_13b_shapes()
@@ -349,7 +388,7 @@ class MMInterleavedConfig:
         64-query, 12-layer resampler, SD-2.1-base UNet (trained, lr 1e-5 in the recipe) with
         a 77-query context encoder and UNet synchronizers on a 64/32/16/8 pyramid; DDPM,
         30 steps, guidance 7.5. ``tokens`` default to a Llama tokenizer after
-        :func:`~mmlayers.data.ensure_image_tokens` (``<soi>`` 32000, ``<image>`` 32001).
+        [`ensure_image_tokens`][mmlayers.data.tokenizer.ensure_image_tokens] (``<soi>`` 32000, ``<image>`` 32001).
         """
         tokens = tokens or TokenConfig(bos_id=1, eos_id=2, pad_id=0, soi_id=32000,
                                        image_id=32001)

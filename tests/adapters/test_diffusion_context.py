@@ -110,3 +110,26 @@ def test_encoder_bad_input():
         enc(torch.randn(2, 5, 16), torch.zeros(2, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="uncond_prob"):
         ImageContextEncoder(context_dim=16, out_dim=8, uncond_prob=1.5)
+
+
+def test_qformer_context_encoder_official_settings():
+    from mmlayers.layers.qformer import QFormerResampler
+
+    enc = small_encoder(resampler="qformer")
+    r = enc.resampler
+    assert isinstance(r, QFormerResampler) and not r.qk_norm
+    assert r.blip2qformer.config.hidden_dropout_prob == 0.0
+    assert r.blip2qformer.config.attention_probs_dropout_prob == 0.0
+    assert r.blip2qformer.config.num_hidden_layers == 1
+    assert r.blip2qformer.config.encoder_hidden_size == 16
+    assert not any("_norm" in k for k in r.state_dict())
+    assert isinstance(r.proj, torch.nn.Linear)  # 16 wide -> 12 (out_dim)
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(2, 5, 16, generator=g)
+    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    out = enc(ctx, pad)
+    for i, n in enumerate((5, 3)):
+        x = enc.proj(ctx[i, :n].flip(0)) + sincos_1d(n, 16)
+        torch.testing.assert_close(out[i], r(x[None])[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="resampler must be 'perceiver' or 'qformer', got 'x'"):
+        small_encoder(resampler="x")

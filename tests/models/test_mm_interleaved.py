@@ -376,3 +376,24 @@ def test_sync_previous_image_switch_hides_the_previous_image(tok, batch):
         grads[flag] = sum(float(p.grad.abs().sum()) for p in m.unet_sync.parameters()
                           if p.grad is not None)
     assert grads[True] > 0 and grads[False] == 0
+
+
+def test_official_module_options_build_and_run(tok, batch):
+    """Q-Former resamplers and official position tables selected by config: the model
+    builds with them, saves their stored tables and runs a training forward."""
+    from mmlayers.layers.qformer import QFormerResampler
+
+    cfg = micro_config(len(tok))
+    cfg.vision.resampler = "qformer"
+    cfg.vision.pos_table = "official"
+    cfg.decoder.context_resampler = "qformer"
+    cfg.decoder.sync_pos_table = "official"
+    torch.manual_seed(0)
+    m = MMInterleaved.from_config(cfg, tokenizer=tok)
+    assert isinstance(m.visual.resampler, QFormerResampler)
+    assert isinstance(m.context_encoder.resampler, QFormerResampler)
+    keys = m.state_dict().keys()
+    assert {"visual.pos_embed", "visual.pyramid.pos_table", "unet_sync.mid.pos_embed"} <= keys
+    out = m(batch, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.loss)
+    assert MMInterleavedConfig.from_dict(cfg.to_dict()).decoder.sync_pos_table == "official"
