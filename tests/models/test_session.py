@@ -179,6 +179,70 @@ def test_beam_search_equals_oracle(fp64):
     assert session.generate_text(3).token_ids == oracle.generate_text(3)  # cache still right
 
 
+def markov_model(seed=1):
+    """A model whose beams diverge: input embeddings ×30 and an output head that maps each
+    word to a fixed successor (plus noise), so the text is not one repeated word and the
+    beams are reordered at most steps; attention and the synchronizers still shape it."""
+    model, tok = build(seed=seed)
+    t = model.config.tokens
+    special = {t.bos_id, t.eos_id, t.soi_id, t.image_id, *tok.all_special_ids}
+    words = [i for i in range(len(tok)) if i not in special]
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        emb = model.llm.get_input_embeddings().weight
+        head = model.llm.get_output_embeddings().weight
+        emb.mul_(30.0)
+        successor = torch.randperm(len(words), generator=g)
+        new = torch.randn(head.shape, generator=g, dtype=head.dtype) * 0.1
+        for k, j in enumerate(words):
+            new[words[successor[k]]] += 0.1 * emb[j] / emb[j].norm()
+        new[[t.eos_id, t.soi_id]] = 0
+        head.copy_(new)
+    return model, tok
+
+
+def test_beam_search_over_many_tokens_with_reordered_beams(monkeypatch):
+    """14 tokens of 3 beams whose order changes: every step's log-probabilities of the
+    cached session (which reorders its KV cache) equal those of the oracle, which
+    re-encodes every hypothesis from scratch; so do the chosen tokens."""
+    import mmlayers.models.session as session_module
+
+    model, tok = markov_model()
+    session, oracle = InterleavedSession(model), ReencodeOracle(model, tok)
+    for doc in (session, oracle):
+        doc.add_image(image(1))
+        doc.add_text("a blue square")
+    real = beam_search
+
+    def spy(log):
+        def search(step, first, **kw):
+            def logged(tokens, parents):
+                out = step(tokens, parents)
+                log.append((parents.tolist(), tokens.tolist(), out))
+                return out
+            return real(logged, first, **kw)
+        return search
+
+    want_log, got_log = [], []
+    monkeypatch.setitem(globals(), "beam_search", spy(want_log))  # the oracle's call
+    want = oracle.generate_beam(14, 3)
+    monkeypatch.setattr(session_module, "beam_search", spy(got_log))
+    got = session.generate_text(14, num_beams=3).token_ids
+    monkeypatch.undo()
+    reordered = [p for p, _, _ in want_log if p != list(range(len(p)))]
+    assert len(want) == 14 and len(set(want)) >= 5
+    assert len(reordered) >= 5 and any(len(set(p)) == len(p) for p in reordered[1:])
+    assert len(got_log) == len(want_log) == 13
+    for (gp, gt, g), (wp, wt, w) in zip(got_log, want_log, strict=True):
+        assert (gp, gt) == (wp, wt)
+        finite = w.isfinite()
+        assert torch.equal(finite, g.isfinite())
+        torch.testing.assert_close(g[finite], w[finite], rtol=1e-6, atol=1e-6)  # fp32 log-probs
+    assert got == want
+    assert session.generate_text(4).token_ids == oracle.generate_text(4)  # cache still right
+
+
+
 def test_float32_session_decodes_like_the_oracle():
     model, tok = build(torch.float32, seed=3)
     session, oracle = InterleavedSession(model), ReencodeOracle(model, tok)
