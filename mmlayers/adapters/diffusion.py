@@ -2,15 +2,15 @@
 
 MM-Interleaved generates each image with a Stable Diffusion UNet whose text-encoder
 embeddings are replaced by a 77-token summary of the LLM's context
-(:class:`ImageContextEncoder`, spans from :func:`image_contexts`) and whose skip
+([`ImageContextEncoder`][mmlayers.adapters.context.ImageContextEncoder], spans from [`image_contexts`][mmlayers.adapters.context.image_contexts]) and whose skip
 connections receive synchronizer residuals from the previous image's pyramid
-(:class:`UNetSynchronizer`, attached through public module hooks). :func:`diffusion_loss`
-trains it (ε, v or x₀ targets as the scheduler says); :class:`ImageGenerator` samples
+([`UNetSynchronizer`][mmlayers.adapters.unet_sync.UNetSynchronizer], attached through public module hooks). [`diffusion_loss`][mmlayers.adapters.diffusion_objective.diffusion_loss]
+trains it (ε, v or x₀ targets as the scheduler says); [`ImageGenerator`][mmlayers.adapters.diffusion_sampling.ImageGenerator] samples
 with any diffusers scheduler and classifier-free guidance.
 
 Nothing here imports diffusers: the UNet, VAE and scheduler are passed in.
 
-Example:
+Examples:
     >>> import torch
     >>> from diffusers import DDPMScheduler, UNet2DConditionModel
     >>> unet = UNet2DConditionModel(

@@ -60,21 +60,23 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
         unet: a diffusers ``UNet2DConditionModel`` (with ``synchronizer`` attached, if any).
         scheduler: a diffusers scheduler with ``add_noise`` (``get_velocity`` for
             v-prediction) and ``config.num_train_timesteps`` / ``config.prediction_type``.
-        encoder_hidden_states: (b, n, d) context tokens (:class:`ImageContextEncoder`).
+        encoder_hidden_states: (b, n, d) context tokens (`ImageContextEncoder`).
         images: (b, c, H, W) in [−1, 1]; encoded with ``vae`` when given, else the UNet
             works in pixel space. Give this or ``latents``.
         latents: (b, c, h, w) already-scaled VAE latents.
-        synchronizer: an attached :class:`~mmlayers.adapters.unet_sync.UNetSynchronizer`;
+        synchronizer: an attached [`UNetSynchronizer`][mmlayers.adapters.unet_sync.UNetSynchronizer];
             the UNet then runs inside ``synchronizer.condition(pyramid, has_image)``.
-        pyramid, has_image: the previous images' pyramids (b, s, dv) and which exist (b,).
+        pyramid: (b, s, dv) the previous images' pyramids.
+        has_image: (b,) bool, which rows have a previous image.
         has_context: (b,) bool; images without context get zero loss (default: all have).
-        timesteps, noise: fixed (b,) long timesteps / noise; default drawn with ``generator``.
+        timesteps: fixed (b,) long timesteps; default drawn with ``generator``.
+        noise: fixed noise shaped like the (latent) images; default drawn with ``generator``.
 
     Returns:
         (b,) float32 loss per image (average it as you like; the official code averages
         over all images including the zero ones).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers import DDPMScheduler, UNet2DConditionModel
         >>> unet = UNet2DConditionModel(

@@ -5,7 +5,7 @@ s pyramid tokens · dv pyramid width.
 
 The official code rebuilds a whole Stable Diffusion pipeline (loading the VAE, text
 encoder and tokenizer from disk) on every call and patches its ``__call__``. Here one
-:class:`ImageGenerator` holds the UNet, its own copy of the scheduler and the optional VAE;
+[`ImageGenerator`][mmlayers.adapters.diffusion_sampling.ImageGenerator] holds the UNet, its own copy of the scheduler and the optional VAE;
 a call only denoises::
 
     z_T ~ N(0, σ_init² I)
@@ -39,9 +39,9 @@ class ImageGenerator:
         scheduler: any diffusers scheduler; the generator keeps its own copy
             (``from_config``), so a training scheduler is never mutated.
         vae: an ``AutoencoderKL`` for latent diffusion; ``None``: the UNet works in pixels.
-        synchronizer: an attached :class:`~mmlayers.adapters.unet_sync.UNetSynchronizer`.
+        synchronizer: an attached [`UNetSynchronizer`][mmlayers.adapters.unet_sync.UNetSynchronizer].
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers import DDIMScheduler, UNet2DConditionModel
         >>> unet = UNet2DConditionModel(
@@ -107,13 +107,16 @@ class ImageGenerator:
             encoder_hidden_states: (b, n, d) context tokens.
             negative_hidden_states: (b, n, d) or (1, n, d) unconditional tokens (the learned
                 negative embedding); needed when ``guidance_scale != 1``.
-            pyramid, has_image: (b, s, dv) previous-image pyramids and (b,) which exist
-                (``None``: no image has one); both guidance branches read them.
-            num_inference_steps, guidance_scale: denoising steps and guidance g.
+            pyramid: (b, s, dv) previous-image pyramids; both guidance branches read them.
+            has_image: (b,) bool, which rows have a previous image (``None``: none has).
+            num_inference_steps: denoising steps.
+            guidance_scale: classifier-free guidance g.
             generator: seeds the initial noise and stochastic scheduler steps.
             latents: (b, c, h, w) initial noise instead of drawing it.
-            height, width: output size in pixels (default the UNet's sample size × the
-                VAE factor).
+            height: output height in pixels (default the UNet's sample size × the VAE
+                factor).
+            width: output width in pixels (default the UNet's sample size × the VAE
+                factor).
             output_type: ``"pt"`` images in [0, 1] or ``"latent"``.
             progress: show a tqdm bar.
 

@@ -5,10 +5,10 @@ Shape key: b batch · n tokens · m images · k visual tokens per image · d LLM
 An image enters the LLM as ``<soi>`` followed by k ``<image>`` slots (k = 64 in
 MM-Interleaved); the k resampler outputs replace the slot embeddings, and ``<soi>`` gets a
 learnable zero-init vector added to its embedding. The two new tokens also need output
-logits. :class:`ImageTokens` holds everything new (two input rows, the ``<soi>`` vector, a
+logits. [`ImageTokens`][mmlayers.adapters.image_tokens.ImageTokens] holds everything new (two input rows, the ``<soi>`` vector, a
 two-row output head) so the base embedding matrices keep their shapes, keys and frozen
 rows. Attached to a model it uses two hooks on the input embedding (ids of the new tokens
-are read from :class:`ImageTokens`; the base table never sees them) and one on the output
+are read from [`ImageTokens`][mmlayers.adapters.image_tokens.ImageTokens]; the base table never sees them) and one on the output
 embedding (the head's two logits are written into columns ``soi_id`` and ``image_id``). The
 head starts with weight 0 and bias ``init_logit`` (−100), so the new tokens are never chosen
 by a base model whose text logits stay above that, and text generation is unchanged.
@@ -28,8 +28,9 @@ class ImageTokens(nn.Module):
 
     Args:
         hidden_size: LLM width d.
-        soi_id, image_id: token ids of ``<soi>`` and ``<image>`` (any ids; usually the two
-            ids right after the tokenizer's vocabulary).
+        soi_id: token id of ``<soi>`` (any id; usually the first id after the tokenizer's
+            vocabulary).
+        image_id: token id of ``<image>`` (usually the id after ``soi_id``).
         tokens_per_image: k, ``<image>`` slots per image.
         init_logit: initial logit of both new tokens (head weight 0, bias ``init_logit``).
 
@@ -69,7 +70,7 @@ class ImageTokens(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Input rows N(0, 0.02) (see :meth:`init_rows_from`), ``<soi>`` vector 0, head weight
+        """Input rows N(0, 0.02) (see [`init_rows_from`][mmlayers.adapters.image_tokens.ImageTokens.init_rows_from]), ``<soi>`` vector 0, head weight
         0 and bias ``init_logit``."""
         nn.init.normal_(self.input_rows, std=0.02)
         nn.init.zeros_(self.soi_vector)
@@ -152,7 +153,7 @@ class ImageTokens(nn.Module):
     def attach(self, model: nn.Module) -> ImageTokens:
         """Hook this module into ``model`` (its ``get_input_embeddings()`` and
         ``get_output_embeddings()``); sets ``config.vocab_size`` to the logit width (for the
-        model's own loss) until :meth:`remove`. Returns ``self``."""
+        model's own loss) until [`remove`][mmlayers.adapters.image_tokens.ImageTokens.remove]. Returns ``self``."""
         if self._hooks:
             raise ValueError("this ImageTokens is already attached; remove() it first")
         inp, out = model.get_input_embeddings(), model.get_output_embeddings()
@@ -208,7 +209,7 @@ def add_image_tokens(tokenizer, model: nn.Module, *, soi_token: str = "<soi>",
     """Add ``<soi>`` and ``<image>`` to a tokenizer and hook them into ``model``.
 
     The tokenizer gets two special tokens; the model gets no new weights: the rows and
-    the output head live in the returned :class:`ImageTokens` (rows initialised to the mean
+    the output head live in the returned [`ImageTokens`][mmlayers.adapters.image_tokens.ImageTokens] (rows initialised to the mean
     input embedding, head weight 0 and bias ``init_logit``), attached with hooks.
 
     Args:
@@ -217,7 +218,7 @@ def add_image_tokens(tokenizer, model: nn.Module, *, soi_token: str = "<soi>",
         tokens_per_image: ``<image>`` slots per image (64 in the paper).
 
     Returns:
-        the attached :class:`ImageTokens` (``.soi_id``, ``.image_id``; ``.remove()``).
+        the attached [`ImageTokens`][mmlayers.adapters.image_tokens.ImageTokens] (``.soi_id``, ``.image_id``; ``.remove()``).
     """
     tokenizer.add_tokens([soi_token, image_token], special_tokens=True)
     soi_id, image_id = tokenizer.convert_tokens_to_ids([soi_token, image_token])

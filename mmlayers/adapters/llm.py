@@ -3,14 +3,14 @@
 Shape key: b batch · n text tokens · m images · s flattened tokens of one image's pyramid
 (Σ_l size_l²) · d width.
 
-MM-Interleaved puts a tanh-gated :class:`~mmlayers.layers.synchronizer.FeatureSynchronizer`
+MM-Interleaved puts a tanh-gated [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer]
 between self-attention and the MLP of every 4th decoder layer of a frozen LLM::
 
     h = h + attn(norm1(h))
     h = h + tanh(g) · sync(RMSNorm(h), RMSNorm(vision))      # g = 0 at init
     h = h + mlp(norm2(h))
 
-:func:`attach_synchronizers` adds this to a stock ``transformers`` model without copying
+[`attach_synchronizers`][mmlayers.adapters.llm.attach_synchronizers] adds this to a stock ``transformers`` model without copying
 its modeling code, swapping its class or patching it. Placement ``"after_attention"`` uses
 two forward hooks on public submodules of each chosen decoder layer: a pre-hook on the
 module that first reads the post-attention residual stream ``h`` (``post_attention_layernorm``
@@ -80,7 +80,7 @@ class _VisionContext:
 
 
 class SynchronizerHandle:
-    """Synchronizers attached to a causal LM (made by :func:`attach_synchronizers`).
+    """Synchronizers attached to a causal LM (made by [`attach_synchronizers`][mmlayers.adapters.llm.attach_synchronizers]).
 
     Attributes:
         model: the wrapped model (unchanged but for hooks).
@@ -129,16 +129,16 @@ class SynchronizerHandle:
         Args:
             features: (b, m, s, dv) multi-scale features of the images of each row.
             visibility: (b, n, m) or (b, m) bool (e.g. from
-                :func:`~mmlayers.layers.visibility.image_visibility`); ``None``: all
+                [`image_visibility`][mmlayers.layers.visibility.image_visibility]); ``None``: all
                 visible. With (b, n, m), a forward that starts at cache position ``t``
                 uses rows t, t+1, …; positions beyond row n − 1 (newly generated tokens) use
                 the last row.
             cache_values: under ``torch.no_grad()``, compute each block's value projection
-                and sampling layout (:meth:`SynchronizerBlock.prepare_values`) once and reuse
+                and sampling layout ([`SynchronizerBlock.prepare_values`][mmlayers.adapters.llm_layers.SynchronizerBlock.prepare_values]) once and reuse
                 it for every call in the block (decoding steps, beams). With grad enabled
                 values are recomputed per call.
             prepared: values already prepared for ``features`` (block key → the block's
-                :meth:`SynchronizerBlock.prepare_values` of the b rows), e.g. kept across
+                [`SynchronizerBlock.prepare_values`][mmlayers.adapters.llm_layers.SynchronizerBlock.prepare_values] of the b rows), e.g. kept across
                 the turns of a generation session; used instead of preparing them again
                 (under ``torch.no_grad()`` with ``cache_values``).
 
@@ -146,7 +146,7 @@ class SynchronizerHandle:
         repeats every row k times in place) reads image row ``i // k``. Nested blocks are
         allowed; the innermost wins. The context is removed on exit, also after exceptions.
         With gradient checkpointing, either call ``backward()`` inside the block or enable
-        checkpointing with :meth:`checkpoint_context_fn` (the recomputation needs the
+        checkpointing with [`checkpoint_context_fn`][mmlayers.adapters.llm.SynchronizerHandle.checkpoint_context_fn] (the recomputation needs the
         images).
         """
         self._check_vision(features, visibility)
@@ -284,22 +284,29 @@ def attach_synchronizers(model: nn.Module, *, every: int = 4, layers: Sequence[i
             layers ``find_decoder_layers`` finds, or ``layers_path`` names).
         every: synchronizers in layers with ``index % every == 0`` (10 of Vicuna-13B's 40).
         layers: explicit layer indices instead of ``every``.
-        value_dim, dim, heads, points, level_sizes, base_size, offset_init, max_images:
-            synchronizer sizes (paper: 1024, 1024, 16, 8, (32, 16, 8), 16, 3.0, 50).
+        value_dim: dv, width of the image features (paper: 1024).
+        dim: synchronizer width (paper: 1024).
+        heads: synchronizer heads (paper: 16).
+        points: sampling points per head, level and image (paper: 8).
+        level_sizes: side of each pyramid level read (paper: (32, 16, 8)).
+        base_size: offset scale base (paper: 16).
+        offset_init: sampling-offset bias range (paper: 3.0).
+        max_images: rows of the relative-image-position table (paper: 50).
         placement: ``"after_attention"`` (exact paper formula; needs ``hook_points`` or a
-            ``model_type`` in :data:`HOOK_POINTS`), ``"after_layer"`` (any layer: the
+            ``model_type`` in [`HOOK_POINTS`][mmlayers.adapters.llm_layers.HOOK_POINTS]), ``"after_layer"`` (any layer: the
             synchronizer is added to the layer's output), or ``"auto"`` (the first if the
             hook points are known, else the second).
         hook_points: (input module, output module) names inside a decoder layer for
             ``"after_attention"``: the first module that reads the residual stream right after
             attention, and the module whose output is added back to it.
         eps: RMSNorm epsilon; default the model's ``rms_norm_eps`` / ``layer_norm_epsilon``.
-        device, dtype: of the adapter; default those of the model's first parameter.
+        device: of the adapter; default that of the model's first parameter.
+        dtype: of the adapter; default that of the model's first parameter.
 
     Returns:
-        a :class:`SynchronizerHandle`; ``handle.remove()`` detaches.
+        a [`SynchronizerHandle`][mmlayers.adapters.llm.SynchronizerHandle]; ``handle.remove()`` detaches.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from transformers import LlamaConfig, LlamaForCausalLM
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,

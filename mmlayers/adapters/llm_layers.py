@@ -3,9 +3,9 @@
 Shape key: b batch · n text tokens · m images · s flattened tokens of one image's pyramid
 (Σ_l size_l²) · d width.
 
-:class:`SynchronizerBlock` is the gated MMFS of one LLM layer; :data:`HOOK_POINTS` names
-the submodules of each architecture it is hooked between; :func:`find_decoder_layers` finds
-the layers. :func:`~mmlayers.adapters.llm.attach_synchronizers` puts them together.
+[`SynchronizerBlock`][mmlayers.adapters.llm_layers.SynchronizerBlock] is the gated MMFS of one LLM layer; [`HOOK_POINTS`][mmlayers.adapters.llm_layers.HOOK_POINTS] names
+the submodules of each architecture it is hooked between; [`find_decoder_layers`][mmlayers.adapters.llm_layers.find_decoder_layers] finds
+the layers. [`attach_synchronizers`][mmlayers.adapters.llm.attach_synchronizers] puts them together.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ class SynchronizerBlock(nn.Module):
             as in the paper: ``ratio = value_dim / hidden_size``).
         eps: RMSNorm epsilon. Other arguments go to ``FeatureSynchronizer``.
 
-    Example:
+    Examples:
         >>> import torch
         >>> blk = SynchronizerBlock(hidden_size=16, value_dim=8, heads=2, points=2,
         ...                         level_sizes=(4, 2), base_size=2)
@@ -121,8 +121,7 @@ class SynchronizerBlock(nn.Module):
 
     def prepare_values(self, features: torch.Tensor) -> PreparedValues:
         """(b, m, s, dv) image features → values projected and laid out for sampling, to
-        reuse across calls (see :meth:`FeatureSynchronizer.prepare_values
-        <mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values>`)."""
+        reuse across calls (see [`FeatureSynchronizer.prepare_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values])."""
         return self.sync.prepare_values(values=self.project_values(features))
 
     def forward(self, hidden: torch.Tensor, values: torch.Tensor | PreparedValues,

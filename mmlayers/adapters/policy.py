@@ -4,7 +4,7 @@ MM-Interleaved keeps the LLM frozen and trains the synchronizers (with their gat
 norms) and the new ``<soi>``/``<image>`` rows and output head. AdamW with lr 1e-4, 0.1× for
 every ``sampling_offsets`` parameter, weight decay 0.05 except on biases, norm weights and
 gates. These helpers decide that by name, outside ``forward``; the base model's weights are
-never saved by :func:`save_adapter`.
+never saved by [`save_adapter`][mmlayers.adapters.policy.save_adapter].
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def prepare_for_training(model: nn.Module, handle: SynchronizerHandle | None = N
     """Freeze every base-model parameter and make the adapter parameters trainable.
 
     Returns:
-        the trainable parameters by name (as :func:`trainable_parameters`).
+        the trainable parameters by name (as [`trainable_parameters`][mmlayers.adapters.policy.trainable_parameters]).
     """
     model.requires_grad_(False)
     named = trainable_parameters(handle, image_tokens)
@@ -116,7 +116,7 @@ def save_adapter(directory: str | os.PathLike, handle: SynchronizerHandle | None
 def load_adapter(directory: str | os.PathLike, model: nn.Module, *,
                  layers_path: str | None = None, backend: str | None = None
                  ) -> tuple[SynchronizerHandle | None, ImageTokens | None]:
-    """Rebuild the adapter saved by :func:`save_adapter` on ``model`` and load its weights.
+    """Rebuild the adapter saved by [`save_adapter`][mmlayers.adapters.policy.save_adapter] on ``model`` and load its weights.
 
     Returns:
         ``(handle, image_tokens)``, each attached to ``model`` (or ``None`` if not saved).

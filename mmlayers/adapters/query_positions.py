@@ -19,7 +19,7 @@ without it: do not switch it on for them unless you fine-tune.
 How it enters the UNet (public APIs only): a forward pre-hook on each
 ``Transformer2DModel`` records the feature map's ``(H, W)``, and the cross-attention
 (``attn2``) of each of its transformer blocks gets a processor that wraps the one it had
-and adds the table to the query input. Self-attention is untouched. :meth:`remove`
+and adds the table to the query input. Self-attention is untouched. `remove`
 restores the original processors and takes the hooks off.
 """
 
@@ -74,7 +74,7 @@ class _PositionalProcessor:
 
 
 class CrossAttentionPositions:
-    """Handle of :func:`add_cross_attention_positions`; :meth:`remove` undoes it.
+    """Handle of `add_cross_attention_positions`; `remove` undoes it.
 
     Attributes:
         unet: the UNet it is attached to.

@@ -39,18 +39,24 @@ class SkipSynchronizer(nn.Module):
         value_dim: dv of the pyramid.
         size: side of the feature map in the reference layout (offset ``base_size``).
         grid_size: (H0, W0) frame of the position table (the UNet's sample size).
-        dim, heads, points, level_sizes, offset_init, max_images, backend, query_chunk:
-            of the :class:`~mmlayers.layers.synchronizer.FeatureSynchronizer`.
+        dim: ``dim`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        heads: ``heads`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        points: ``points`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        level_sizes: ``level_sizes`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        offset_init: ``offset_init`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        max_images: ``max_images`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        backend: ``backend`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        query_chunk: ``query_chunk`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
         eps: LayerNorm epsilon (1e-6 as the official block).
         pos_table: ``"exact"`` (default): the sincos formula at each map's pixel centres;
             ``"official"``: the stored official table of the ``grid_size`` grid (square),
-            bicubically resized to the map (:func:`~mmlayers.layers.posembed.resize_pos_table`).
+            bicubically resized to the map ([`resize_pos_table`][mmlayers.layers.posembed.resize_pos_table]).
 
     Shapes:
         ``forward(x (b, c, H, W), values (b, 1, s, d) or None, has_image (b,) bool)`` →
         residual (b, c, H, W); ``values=None`` means no image in the batch.
 
-    Example:
+    Examples:
         >>> import torch
         >>> blk = SkipSynchronizer(channels=8, value_dim=6, size=4, grid_size=(4, 4), dim=8,
         ...                        heads=2, points=2, level_sizes=(4, 2))

@@ -29,7 +29,7 @@ How it enters the UNet (public hooks only, no copied forward, no patching):
   tensors themselves;
 - a forward hook on ``mid_block`` adds the mid residual to its output.
 
-The previous image's pyramid is given through :meth:`UNetSynchronizer.condition`, a
+The previous image's pyramid is given through [`UNetSynchronizer.condition`][mmlayers.adapters.unet_sync.UNetSynchronizer.condition], a
 re-entrant context manager (a ``contextvars`` stack, restored on exit and on exceptions).
 Outside it the hooks do nothing and the UNet is the bare UNet.
 
@@ -39,7 +39,7 @@ per-channel constant (zero at init). ``no_image="official"`` (default) keeps tha
 ``no_image="zero"`` gives exactly zero residual (and skips the work when no image of the
 batch has one).
 
-The block is :class:`~mmlayers.adapters.skip_sync.SkipSynchronizer` (its docstring states
+The block is [`SkipSynchronizer`][mmlayers.adapters.skip_sync.SkipSynchronizer] (its docstring states
 the one difference from the official block: exact sincos positions instead of a bicubic
 resize of the latent-size table).
 """
@@ -77,24 +77,32 @@ class _State:
 class UNetSynchronizer(nn.Module):
     """Synchronizer blocks for every skip tensor and the mid block of a diffusers UNet.
 
-    Build with :meth:`for_unet` (sizes read from the UNet's modules and config), then
-    :meth:`attach` it; run the UNet inside :meth:`condition` to give the previous image's
+    Build with [`for_unet`][mmlayers.adapters.unet_sync.UNetSynchronizer.for_unet] (sizes read from the UNet's modules and config), then
+    [`attach`][mmlayers.adapters.unet_sync.UNetSynchronizer.attach] it; run the UNet inside [`condition`][mmlayers.adapters.unet_sync.UNetSynchronizer.condition] to give the previous image's
     pyramid. The blocks are ``down`` (one per skip tensor, ``conv_in`` first, in the order
-    diffusers collects them) and ``mid``; each is a :class:`SkipSynchronizer` or any module
+    diffusers collects them) and ``mid``; each is a [`SkipSynchronizer`][mmlayers.adapters.skip_sync.SkipSynchronizer] or any module
     with the same ``forward(x, values, has_image)`` and ``project_values(pyramid)``.
 
     Args:
-        skip_channels, skip_sizes: c and side of every skip tensor (``conv_in`` first).
-        mid_channels, mid_size: of the mid-block output.
+        skip_channels: c of every skip tensor (``conv_in`` first).
+        skip_sizes: side of every skip tensor (``conv_in`` first).
+        mid_channels: c of the mid-block output.
+        mid_size: side of the mid-block output.
         value_dim: dv of the pyramid.
         sample_size: the UNet's (H0, W0) (frame of the position tables).
-        dim, heads, points, level_sizes, offset_init, max_images, backend, query_chunk:
-            per-block synchronizer settings (paper: 1024, 16, 8, (64, 32, 16, 8), 1.0, 10).
+        dim: width of each block's [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer] (paper: 1024).
+        heads: its heads (paper: 16).
+        points: its sampling points per head and level (paper: 8).
+        level_sizes: side of each pyramid level read (paper: (64, 32, 16, 8)).
+        offset_init: sampling-offset bias range (paper: 1.0).
+        max_images: rows of the relative-image-position table (paper: 10).
+        backend: deformable-attention backend.
+        query_chunk: at most this many queries per deformable-attention call.
         no_image: ``"official"`` or ``"zero"`` (module docstring).
         pos_table: query position tables, ``"exact"`` or ``"official"``
-            (:class:`~mmlayers.adapters.skip_sync.SkipSynchronizer`).
+            ([`SkipSynchronizer`][mmlayers.adapters.skip_sync.SkipSynchronizer]).
 
-    Example:
+    Examples:
         >>> import torch
         >>> from diffusers import UNet2DConditionModel
         >>> unet = UNet2DConditionModel(
@@ -184,7 +192,7 @@ class UNetSynchronizer(nn.Module):
 
     @classmethod
     def for_unet(cls, unet: nn.Module, *, value_dim: int, **kwargs) -> UNetSynchronizer:
-        """Blocks sized for ``unet`` (see :meth:`skip_layout`); ``kwargs`` as the class.
+        """Blocks sized for ``unet`` (see [`skip_layout`][mmlayers.adapters.unet_sync.UNetSynchronizer.skip_layout]); ``kwargs`` as the class.
 
         Parameters are created on the device of the UNet unless ``device`` is given.
         """
@@ -241,7 +249,7 @@ class UNetSynchronizer(nn.Module):
         Args:
             pyramid: (b, s, dv) or (b, 1, s, dv): the previous image's levels flattened
                 row-major and concatenated in ``level_sizes`` order (``unet_features`` of
-                :class:`~mmlayers.vision.VisualTokenizerOutput`); ``None``: no image has
+                [`VisualTokenizerOutput`][mmlayers.vision.VisualTokenizerOutput]); ``None``: no image has
                 one. The UNet batch may be r·b: sample i uses pyramid ``i mod b``
                 (classifier-free guidance's ``cat([uncond, cond])``).
             has_image: (b,) bool, which images have a previous image; default all.

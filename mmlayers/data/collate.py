@@ -14,7 +14,7 @@ no ``</s>``). A document whose first image or text token cannot fit at all raise
 **Label convention** (the Hugging Face one): ``labels`` has the shape of ``input_ids`` and
 ``labels[t]`` is the *target* token at position t, predicted from tokens < t; causal LMs
 shift internally (``logits[:, :-1]`` against ``labels[:, 1:]``). ``labels[t] = input_ids[t]``
-except −100 where token t is (DESIGN.md §2):
+except −100 where token t is (the official code's rules):
 
 - padding (``attention_mask == 0``), ``<image>``, or ``<s>`` (so the jump from one packed
   document into the next is never a target; ``labels[:, 0]`` is always −100);
@@ -29,8 +29,8 @@ Per image (in row-major order) the batch also says where its ``<soi>`` and its s
 only ``<s><soi>`` get no diffusion loss) and which image is the previous one in the same
 segment (the UNet synchronizer's source; −1 for a segment's first image).
 
-**Pre-packed rows.** The collator also takes :class:`~mmlayers.data.PackedRow` objects
-(token-level packing by :class:`~mmlayers.data.RowPacker` / :class:`~mmlayers.data.InterleavedStream`):
+**Pre-packed rows.** The collator also takes [`PackedRow`][mmlayers.data.packing.PackedRow] objects
+(token-level packing by [`RowPacker`][mmlayers.data.packing.RowPacker] / [`InterleavedStream`][mmlayers.data.packing.InterleavedStream]):
 each becomes one row as it is. A row may then start with the continuation of a document cut
 in the previous row (no ``<s>``); its images count as having context when any token
 precedes their ``<soi>`` in the row, and ``image_document`` numbers the pieces of the batch.
@@ -100,7 +100,7 @@ def interleaved_labels(input_ids: torch.Tensor, *, bos_id: int, soi_id: int, ima
 
 @dataclass
 class InterleavedBatch:
-    """What :class:`InterleavedCollator` returns. Images are numbered row by row, in order.
+    """What [`InterleavedCollator`][mmlayers.data.collate.InterleavedCollator] returns. Images are numbered row by row, in order.
 
     Attributes:
         input_ids: (b, n) long, right-padded.
@@ -119,7 +119,7 @@ class InterleavedBatch:
         row_documents: per row, the indices of the documents packed in it.
         truncated: indices of the documents that were truncated.
         data_state: where a streamed batch leaves its data stream (set by
-            :class:`~mmlayers.data.InterleavedStream`; ``None`` otherwise).
+            [`InterleavedStream`][mmlayers.data.packing.InterleavedStream]; ``None`` otherwise).
     """
 
     input_ids: torch.Tensor
@@ -155,11 +155,11 @@ class _Encoded:
 
 
 class InterleavedCollator:
-    """Documents → :class:`InterleavedBatch` (packed rows, images, labels, image bookkeeping).
+    """Documents → [`InterleavedBatch`][mmlayers.data.collate.InterleavedBatch] (packed rows, images, labels, image bookkeeping).
 
     Args:
         tokenizer: a ``transformers`` tokenizer with ``<s>``/``</s>`` (bos/eos) and the
-            ``<soi>``/``<image>`` tokens (see :func:`~mmlayers.data.ensure_image_tokens`); padding
+            ``<soi>``/``<image>`` tokens (see [`ensure_image_tokens`][mmlayers.data.tokenizer.ensure_image_tokens]); padding
             uses its pad token, or ``</s>`` if it has none (labels use the attention mask).
         num_image_tokens: ``<image>`` slots per image (k).
         max_length: most tokens per row.
@@ -170,7 +170,11 @@ class InterleavedCollator:
         image_token: the image slot token string.
 
     Attributes:
-        bos_id, eos_id, pad_id, soi_id, image_id: the token ids used.
+        bos_id: id of ``<s>``.
+        eos_id: id of ``</s>``.
+        pad_id: id of the padding token.
+        soi_id: id of ``<soi>``.
+        image_id: id of ``<image>``.
 
     Examples:
         >>> import torch
@@ -351,7 +355,7 @@ def _piece_starts(rows: Sequence[Any]) -> list[int]:
 
 
 def _pieces(row: Any, first: int) -> list[_Encoded]:
-    """A :class:`~mmlayers.data.PackedRow` → its pieces (document parts) as encoded items."""
+    """A [`PackedRow`][mmlayers.data.packing.PackedRow] → its pieces (document parts) as encoded items."""
     bounds = [*row.segments, len(row.input_ids)]
     pieces, j = [], 0
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):

@@ -8,7 +8,7 @@ tokenisation: ``["a red circle on the left.", <image>, "now the same circle in b
 with values in [0, 1]. Per-dataset options travel with each document:
 
 - ``caption_first``: a pair dataset whose text precedes the image (text-to-image pairs).
-  Text with no earlier image in its document gets no text loss (DESIGN.md §2); the
+  Text with no earlier image in its document gets no text loss (as in the official code); the
   ``<soi>`` after the caption and everything after the first image are trained.
 - ``prompt_items``: how many leading items are a prompt (instruction, question); their
   tokens get no text loss.

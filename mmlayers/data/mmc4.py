@@ -23,7 +23,7 @@ MM-Interleaved loader (values of its pre-training config as defaults):
 Randomness is seeded per record (seed, shard file name, line number), so the same record
 always gives the same document: runs are reproducible and resumable. Malformed lines,
 missing or unreadable images and filtered documents are skipped and counted in a
-:class:`~mmlayers.data.ReadStats`; nothing is skipped uncounted.
+[`ReadStats`][mmlayers.data.streaming.ReadStats]; nothing is skipped uncounted.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def _check_prob(name: str, p: float) -> float:
 
 
 class MMC4Reader:
-    """Read MMC4 JSONL shards into :class:`~mmlayers.data.Document` objects (module docstring).
+    """Read MMC4 JSONL shards into [`Document`][mmlayers.data.document.Document] objects (module docstring).
 
     Args:
         image_root: folder holding the images named in ``image_info``.
@@ -113,12 +113,12 @@ class MMC4Reader:
         image_first_prob: probability that an image precedes its sentence.
         image_size: images are resized to (3, image_size, image_size); None keeps sizes.
         transform: optional ``path → (c, H, W) tensor`` replacing the default loading.
-        seed: base seed (a :class:`~mmlayers.data.ShardedSource` passes its own per epoch).
+        seed: base seed (a [`ShardedSource`][mmlayers.data.streaming.ShardedSource] passes its own per epoch).
 
     Call it as ``reader(path, start=0, select=None, seed=None, stats=None)``: yields
     ``(line_index, Document)``; ``Document.meta`` holds ``source`` (``"file:line"``, the
     file name without ``.gz`` / ``.zip``, which also seeds the record's randomness) and
-    ``image_names``. :meth:`read` returns the documents of a shard as a list.
+    ``image_names``. [`read`][mmlayers.data.mmc4.MMC4Reader.read] returns the documents of a shard as a list.
 
     Raises:
         ValueError: a probability outside [0, 1], a non-positive ``max_images``,

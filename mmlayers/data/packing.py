@@ -3,7 +3,7 @@
 Shape key: b rows · n tokens per row (``max_length``, 2048 in the paper) · k ``<image>``
 slots per image.
 
-:class:`RowPacker` concatenates tokenised documents (``<s>`` … ``</s>``, each image a
+[`RowPacker`][mmlayers.data.packing.RowPacker] concatenates tokenised documents (``<s>`` … ``</s>``, each image a
 ``<soi>`` + k ``<image>`` run) into rows of at most ``max_length`` tokens and ``max_images``
 images (the paper: 15 for MMC4, 30 for LAION pairs), never cutting an image run:
 
@@ -16,10 +16,10 @@ images (the paper: 15 for MMC4, 30 for LAION pairs), never cutting an image run:
   the rest of a row starts the next row; only a document longer than a whole row is cut
   (as above).
 
-:class:`InterleavedStream` is a ``torch.utils.data.IterableDataset``: source (sharded over
-rank × worker, see :mod:`mmlayers.data.streaming`) → tokenise → pack → collate, yielding
-:class:`~mmlayers.data.InterleavedBatch` objects (use ``DataLoader(stream,
-batch_size=None)``, or :class:`StreamingLoader`). Each batch carries ``data_state``: its
+[`InterleavedStream`][mmlayers.data.packing.InterleavedStream] is a ``torch.utils.data.IterableDataset``: source (sharded over
+rank × worker, see `mmlayers.data.streaming`) → tokenise → pack → collate, yielding
+[`InterleavedBatch`][mmlayers.data.collate.InterleavedBatch] objects (use ``DataLoader(stream,
+batch_size=None)``, or [`StreamingLoader`][mmlayers.data.packing.StreamingLoader]). Each batch carries ``data_state``: its
 slot, the source position and token offset where the slot's stream continues, and the
 read counts. ``state_dict()`` gathers the latest of every slot, so a resumed run continues
 with the next rows — bit for bit, with the same shards, seed, world size and workers.
@@ -40,7 +40,7 @@ __all__ = ["InterleavedStream", "PackedRow", "RowPacker", "StreamingLoader"]
 
 @dataclass
 class PackedRow:
-    """One packed token row (what :class:`~mmlayers.data.InterleavedCollator` takes as a row).
+    """One packed token row (what [`InterleavedCollator`][mmlayers.data.collate.InterleavedCollator] takes as a row).
 
     Attributes:
         input_ids: n token ids.
@@ -72,7 +72,7 @@ class PackedRow:
 
 
 class RowPacker:
-    """Encoded documents → :class:`PackedRow` objects (rules in the module docstring).
+    """Encoded documents → [`PackedRow`][mmlayers.data.packing.PackedRow] objects (rules in the module docstring).
 
     Args:
         max_length: most tokens per row (n).
@@ -128,7 +128,7 @@ class RowPacker:
         """Pack ``(encoded, position_before, position_after)`` items, in order.
 
         ``encoded`` has ``ids``, ``no_loss``, ``soi``, ``images`` (see
-        :meth:`~mmlayers.data.InterleavedCollator.encode`); the positions are opaque marks
+        [`encode`][mmlayers.data.collate.InterleavedCollator.encode]); the positions are opaque marks
         copied into ``PackedRow.state``. ``offset`` skips that many tokens of the first
         document (resuming inside a document). The last row may be shorter.
         """
@@ -177,18 +177,20 @@ class InterleavedStream(IterableDataset):
     """Source → tokenise → pack → collate, per rank × worker slot; resumable.
 
     Args:
-        source: a :class:`~mmlayers.data.ShardedSource` or :class:`~mmlayers.data.Mixture`.
-        collator: an :class:`~mmlayers.data.InterleavedCollator` (its tokenizer,
+        source: a [`ShardedSource`][mmlayers.data.streaming.ShardedSource] or [`Mixture`][mmlayers.data.streaming.Mixture].
+        collator: an [`InterleavedCollator`][mmlayers.data.collate.InterleavedCollator] (its tokenizer,
             ``num_image_tokens`` and ``max_length`` are used).
         batch_size: rows per batch (b).
         max_images: most images per row (the paper: 15 MMC4, 30 LAION); None: no limit.
-        truncation: ``"image"`` or ``"document"`` (see :class:`RowPacker`).
-        rank, world_size: data-parallel position; default from ``torch.distributed``
-            or the ``RANK`` / ``WORLD_SIZE`` environment variables.
+        truncation: ``"image"`` or ``"document"`` (see [`RowPacker`][mmlayers.data.packing.RowPacker]).
+        rank: data-parallel rank; default from ``torch.distributed`` or the ``RANK``
+            environment variable.
+        world_size: data-parallel size; default from ``torch.distributed`` or the
+            ``WORLD_SIZE`` environment variable.
         drop_last: drop a final batch with fewer than ``batch_size`` rows.
 
-    Every iteration continues from the last position consumed (see :meth:`observe`);
-    :meth:`reset` starts over.
+    Every iteration continues from the last position consumed (see [`observe`][mmlayers.data.packing.InterleavedStream.observe]);
+    [`reset`][mmlayers.data.packing.InterleavedStream.reset] starts over.
 
     Examples:
         >>> import torch
@@ -272,7 +274,7 @@ class InterleavedStream(IterableDataset):
     # ------------------------------------------------------------------ position
     def observe(self, batch: Any) -> None:
         """Record that ``batch`` was consumed (done for you without workers and by
-        :class:`StreamingLoader`; call it yourself after a plain ``DataLoader``)."""
+        [`StreamingLoader`][mmlayers.data.packing.StreamingLoader]; call it yourself after a plain ``DataLoader``)."""
         state = getattr(batch, "data_state", None)
         if not isinstance(state, dict) or "slot" not in state:
             raise ValueError("batch has no data_state; it did not come from an InterleavedStream")
@@ -286,7 +288,7 @@ class InterleavedStream(IterableDataset):
                 "slots": {s: {"at": v["at"], "offset": v["offset"]} for s, v in self._slots.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from ``state`` (from :meth:`state_dict`) at the next iteration."""
+        """Continue from ``state`` (from [`state_dict`][mmlayers.data.packing.InterleavedStream.state_dict]) at the next iteration."""
         if not isinstance(state, dict) or "slots" not in state:
             raise ValueError(f"expected a dict from InterleavedStream.state_dict(), got {state!r}")
         self._num_slots, self._last_slot = state["num_slots"], state.get("last_slot")
@@ -306,7 +308,7 @@ class InterleavedStream(IterableDataset):
 
 
 class StreamingLoader:
-    """A ``DataLoader`` over an :class:`InterleavedStream` that records what was consumed.
+    """A ``DataLoader`` over an [`InterleavedStream`][mmlayers.data.packing.InterleavedStream] that records what was consumed.
 
     Args:
         stream: the stream.
@@ -317,7 +319,7 @@ class StreamingLoader:
             not from what the loop consumed.
 
     Raises:
-        TypeError: ``stream`` is not an :class:`InterleavedStream`.
+        TypeError: ``stream`` is not an [`InterleavedStream`][mmlayers.data.packing.InterleavedStream].
         ValueError: ``persistent_workers=True`` or a ``batch_size``.
 
     ``state_dict()`` / ``load_state_dict()`` / ``stats()`` forward to the stream.
@@ -358,13 +360,13 @@ class StreamingLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
-        """See :meth:`InterleavedStream.state_dict`."""
+        """See [`InterleavedStream.state_dict`][mmlayers.data.packing.InterleavedStream.state_dict]."""
         return self.stream.state_dict()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """See :meth:`InterleavedStream.load_state_dict`."""
+        """See [`InterleavedStream.load_state_dict`][mmlayers.data.packing.InterleavedStream.load_state_dict]."""
         self.stream.load_state_dict(state)
 
     def stats(self) -> dict[str, ReadStats]:
-        """See :meth:`InterleavedStream.stats`."""
+        """See [`InterleavedStream.stats`][mmlayers.data.packing.InterleavedStream.stats]."""
         return self.stream.stats()

@@ -13,7 +13,7 @@ otherwise; a caption placed first is a text-to-image sample
 
 Randomness is seeded per sample (seed, shard name, sample index). Samples without an image
 or caption, or whose image does not decode, are skipped and counted in a
-:class:`~mmlayers.data.ReadStats`; an unreadable or truncated tar stops that shard only
+[`ReadStats`][mmlayers.data.streaming.ReadStats]; an unreadable or truncated tar stops that shard only
 (counted as ``unreadable_shard``; its last, possibly incomplete sample is not yielded).
 """
 
@@ -92,7 +92,7 @@ def tar_samples(path: str | os.PathLike, *, start: int = 0,
 
 
 class PairReader:
-    """Read image-text pairs from tar shards into :class:`~mmlayers.data.Document` objects.
+    """Read image-text pairs from tar shards into [`Document`][mmlayers.data.document.Document] objects.
 
     Args:
         caption_first_prob: probability that the caption precedes the image.
@@ -100,11 +100,11 @@ class PairReader:
             recipe does so for BLIP-captioned LAION, not for LAION-en / LAION-COCO).
         lowercase: lower-case captions (as the official loader does).
         image_size: images are resized to (3, image_size, image_size); None keeps sizes.
-        seed: base seed (a :class:`~mmlayers.data.ShardedSource` passes its own per epoch).
+        seed: base seed (a [`ShardedSource`][mmlayers.data.streaming.ShardedSource] passes its own per epoch).
 
     Call it as ``reader(path, start=0, select=None, seed=None, stats=None)``: yields
     ``(sample_index, Document)``; ``Document.meta["source"]`` is ``"file:key"``.
-    :meth:`read` returns the documents of a shard as a list.
+    [`read`][mmlayers.data.pairs.PairReader.read] returns the documents of a shard as a list.
 
     Raises:
         ValueError: a probability outside [0, 1].

@@ -215,7 +215,7 @@ class ImageScore:
 def score_image(image: Any, expected: Sequence[ShapeAttributes], **kwargs: Any) -> ImageScore:
     """Score a (generated) image against the shapes it should show.
 
-    ``kwargs`` go to :func:`describe_image`.
+    ``kwargs`` go to [`describe_image`][mmlayers.data.shapes.describe_image].
 
     Examples:
         >>> want = [ShapeAttributes("red", "circle", "left", "large")]
@@ -242,7 +242,7 @@ def score_image(image: Any, expected: Sequence[ShapeAttributes], **kwargs: Any) 
 
 
 def parse_caption(text: str) -> list[ShapeAttributes]:
-    """Shapes named in a caption ("a [small|large] <colour> <shape> [on the left|…]").
+    """Shapes named in a caption (`"a [small|large] <colour> <shape> [on the left|…]"`).
 
     Examples:
         >>> parse_caption("A red circle on the left and a small blue square.")
@@ -295,7 +295,7 @@ class ShapesCorpus(torch.utils.data.Dataset):
     """An indexable, iterable dataset of interleaved shapes documents.
 
     Document ``i`` depends only on ``(seed, i)``. ``doc.meta`` holds ``kind``, ``index``,
-    ``images`` (per image, the tuple of :class:`ShapeAttributes` drawn) and ``texts``.
+    ``images`` (per image, the tuple of [`ShapeAttributes`][mmlayers.data.shapes.ShapeAttributes] drawn) and ``texts``.
 
     Args:
         seed: corpus seed.
@@ -387,7 +387,7 @@ class ShapesCorpus(torch.utils.data.Dataset):
         return sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
 
     def describe(self, image: Any) -> list[ShapeAttributes]:
-        """:func:`describe_image` with this corpus's palette."""
+        """[`describe_image`][mmlayers.data.shapes.describe_image] with this corpus's palette."""
         return describe_image(image, colors=self.colors)
 
     # -- drawing ---------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Streaming documents from shard files: sharding over ranks × workers, mixing, resuming.
 
-A *source* turns shard files into a stream of :class:`~mmlayers.data.Document` objects with a
-*reader* (:class:`~mmlayers.data.MMC4Reader`, :class:`~mmlayers.data.PairReader` or any
+A *source* turns shard files into a stream of [`Document`][mmlayers.data.document.Document] objects with a
+*reader* ([`MMC4Reader`][mmlayers.data.mmc4.MMC4Reader], [`PairReader`][mmlayers.data.pairs.PairReader] or any
 callable with the same signature). Every stream is deterministic given its seed and
 position, and every yielded document comes with the position *after* it, a small dict of
 ints, so a run can be resumed exactly where it stopped:
@@ -11,13 +11,13 @@ ints, so a run can be resumed exactly where it stopped:
   ``g, g + R·W, …`` of the epoch's order (shuffled by ``seed`` and the epoch); with fewer,
   every slot reads every shard and keeps records ``i`` with ``i mod R·W = g``. Either way
   each record is read by exactly one slot per epoch.
-- **Mixing.** :class:`Mixture` draws the source of each next document with fixed
+- **Mixing.** [`Mixture`][mmlayers.data.streaming.Mixture] draws the source of each next document with fixed
   probabilities; draw t of slot g uses its own seeded generator, so the position is the
   number of draws plus each source's position. ``"all_exhausted"`` (the official recipe's
   ``"longest"``) restarts a finished source until every source has finished once;
   ``"first_exhausted"`` stops with the first.
 - **Counting.** Records a reader skips (malformed lines, unreadable images, filtered
-  documents) are counted in a :class:`ReadStats` per source, never silently dropped.
+  documents) are counted in a [`ReadStats`][mmlayers.data.streaming.ReadStats] per source, never silently dropped.
 
 Positions are only valid for the same shard list, seed, and number of slots.
 """
@@ -102,7 +102,7 @@ class ShardedSource:
         reader: callable ``reader(path, *, start, select, seed, stats)`` yielding
             ``(record_index, Document)`` from record ``start`` on, only for records where
             ``select(index)`` is true (``select=None``: all), randomised by ``seed`` (str),
-            counting into ``stats`` (:class:`ReadStats`).
+            counting into ``stats`` ([`ReadStats`][mmlayers.data.streaming.ReadStats]).
         name: the key of this source's counts in the stats dict.
         shuffle: shuffle the shard order every epoch (seeded).
         seed: base seed of the shard order and of the reader's per-record randomness.
@@ -110,7 +110,7 @@ class ShardedSource:
 
     Position: ``{"round", "epoch", "shard", "record"}``: ``shard`` indexes the slot's own
     shards of that epoch, ``record`` is the next record to read in it, ``round`` counts
-    restarts by a :class:`Mixture`.
+    restarts by a [`Mixture`][mmlayers.data.streaming.Mixture].
 
     Raises:
         ValueError: no shards, or ``epochs`` not a positive int or None.
@@ -181,7 +181,7 @@ class Mixture:
 
     Args:
         sources: objects with ``name`` and ``iterate(slot, num_slots, position, stats)``
-            (:class:`ShardedSource` or another :class:`Mixture`); names must differ.
+            ([`ShardedSource`][mmlayers.data.streaming.ShardedSource] or another [`Mixture`][mmlayers.data.streaming.Mixture]); names must differ.
         probs: relative weights (normalised), default equal; the paper mixes
             ``[1, 1, 1, 2]`` (three LAION sets, MMC4).
         seed: seeds the draws (draw t of slot g is a function of seed, g and t).

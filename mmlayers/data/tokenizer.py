@@ -1,6 +1,6 @@
 """A download-free word-level tokenizer, and image tokens for any Hugging Face tokenizer.
 
-:func:`word_level_tokenizer` builds a ``transformers.PreTrainedTokenizerFast`` from a list
+[`word_level_tokenizer`][mmlayers.data.tokenizer.word_level_tokenizer] builds a ``transformers.PreTrainedTokenizerFast`` from a list
 of texts with the ``tokenizers`` library: lower-casing, whitespace + punctuation
 pre-tokenisation, one id per word, and a decoder that re-attaches punctuation, so corpus
 captions round-trip exactly (``decode(encode(t)) == t.lower()`` for single-spaced text
@@ -10,7 +10,7 @@ and ``AutoTokenizer.from_pretrained(local_dir)`` work as for any fast tokenizer.
 Fixed ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<unk>`` 3, ``<soi>`` 4, ``<image>`` 5, then
 the words in sorted order.
 
-:func:`ensure_image_tokens` adds ``<soi>`` and ``<image>`` (as special tokens, never split and
+[`ensure_image_tokens`][mmlayers.data.tokenizer.ensure_image_tokens] adds ``<soi>`` and ``<image>`` (as special tokens, never split and
 skipped by ``decode(..., skip_special_tokens=True)``) to any tokenizer, e.g. a Llama
 tokenizer loaded from a local directory; it is idempotent. Resizing the model's embedding
 matrix to ``len(tokenizer)`` is the model's job.
@@ -132,7 +132,7 @@ def ensure_image_tokens(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
 def image_token_ids(tokenizer: Any, *, soi_token: str = SOI_TOKEN,
                     image_token: str = IMAGE_TOKEN) -> tuple[int, int]:
     """``(soi_id, image_id)`` of a tokenizer that has them; ``ValueError`` naming what is
-    missing (and pointing to :func:`ensure_image_tokens`) otherwise."""
+    missing (and pointing to [`ensure_image_tokens`][mmlayers.data.tokenizer.ensure_image_tokens]) otherwise."""
     ids = (_token_id(tokenizer, soi_token), _token_id(tokenizer, image_token))
     missing = [t for t, i in zip((soi_token, image_token), ids, strict=True) if i is None]
     if missing:

@@ -4,7 +4,7 @@ Shape key: b batch · m images · l pyramid levels · s flattened tokens of one 
 (Σ_l size_l²) · S rows of the tall layout (Σ_l m·(size_l + 1)·size_l) · h heads ·
 dh head width · d = h·dh.
 
-:class:`~mmlayers.layers.synchronizer.FeatureSynchronizer` reads every image a query sees
+[`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer] reads every image a query sees
 with one deformable-attention call. For that, level ``l`` of the m images of a row is
 stacked vertically into one map of ``m·(size_l + 1)`` rows and ``size_l`` columns, with a
 zero row under each image, so that a bilinear sample that leaves its image at the top or
@@ -14,7 +14,7 @@ the neighbouring image. The levels follow one another, and the values are stored
 op reads them without a copy.
 
 Building the layout costs one copy of the values (and one in the backward pass);
-:class:`PreparedValues` lets a caller do it once and reuse it (e.g. every decoding step of
+[`PreparedValues`][mmlayers.layers._sync_layout.PreparedValues] lets a caller do it once and reuse it (e.g. every decoding step of
 one prompt).
 """
 
@@ -86,7 +86,7 @@ def tall_layout(values: torch.Tensor, level_sizes: Sequence[int], heads: int) ->
         ``l`` is row ``i`` of image ``k`` (``i < size_l``) or zero (``i = size_l``).
         Differentiable.
 
-    Example:
+    Examples:
         >>> import torch
         >>> v = torch.arange(2 * 5 * 2.0).view(1, 2, 5, 2)   # m=2, levels 2² and 1², d=2
         >>> tall_layout(v, (2, 1), heads=1)[0, 0, :, 0].tolist()
@@ -99,15 +99,14 @@ def tall_layout(values: torch.Tensor, level_sizes: Sequence[int], heads: int) ->
 class PreparedValues:
     """Projected image values in the synchronizer's sampling layout, built once, reused.
 
-    Made by :meth:`FeatureSynchronizer.prepare_values
-    <mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values>`; pass it as
+    Made by [`FeatureSynchronizer.prepare_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values]; pass it as
     ``values=`` to ``forward``. It carries its autograd history: prepared under
     ``torch.no_grad()`` it is a constant; prepared with grad, gradients reach the features
     (build it again for every training step).
 
     Attributes:
         tall: (b, h, S, dh) tall maps, S = Σ_l m·(size_l + 1)·size_l (see
-            :func:`tall_layout`).
+            `tall_layout`).
         images: m, images per row.
         level_sizes: side of each square level.
     """
@@ -151,7 +150,7 @@ def segment_softmax(logit: torch.Tensor, segment: torch.Tensor, n_segments: int
     logit (P, h, k), segment (P,) ids in [0, n_segments) → (P, h, k): for each (segment,
     head), ``exp(logit) / (1 + Σ_{rows of the segment} Σ_k exp(logit))``, computed stably.
 
-    Example:
+    Examples:
         >>> import torch
         >>> w = segment_softmax(torch.zeros(3, 1, 2), torch.tensor([0, 0, 1]), 2)
         >>> [round(x, 4) for x in w[:, 0, 0].tolist()]   # 4 entries + null; 2 + null

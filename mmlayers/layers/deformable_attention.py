@@ -43,7 +43,7 @@ class MultiScaleDeformableAttention(nn.Module):
         value_dim: width of ``value`` (default ``dim``).
         out_dim: output width (default ``dim``).
         ratio: the attention width is ``int(dim * ratio)`` (ViT-Adapter uses 0.5).
-        backend: op backend (see :func:`mmlayers.ops.multi_scale_deformable_attention`).
+        backend: op backend (see [`mmlayers.ops.multi_scale_deformable_attention`][mmlayers.ops.deform_attn.multi_scale_deformable_attention]).
 
     Shapes:
         query (b, n, d); reference_points (b, n, l, 2) as (x, y) in [0, 1], or

@@ -2,7 +2,7 @@
 
 Shape key: b batch · t tokens (prefix + H·W patches) · d width · c,H,W image.
 
-:class:`ViTBackbone` wraps a ``transformers`` vision model (CLIP, SigLIP, ViT, and any
+[`ViTBackbone`][mmlayers.layers.hf_vit.ViTBackbone] wraps a ``transformers`` vision model (CLIP, SigLIP, ViT, and any
 model laid out the same way) and exposes what a ViT-Adapter needs: the patch
 embedding, the encoder layers as a list that can be run in groups, and the final norm.
 It only uses the modules' public ``forward``; it copies and patches nothing, and it does
@@ -203,5 +203,5 @@ class ViTBackbone(nn.Module):
 
 
 def as_vit_backbone(vit: nn.Module) -> ViTBackbone:
-    """Return ``vit`` if it is a :class:`ViTBackbone`, else wrap it in one."""
+    """Return ``vit`` if it is a [`ViTBackbone`][mmlayers.layers.hf_vit.ViTBackbone], else wrap it in one."""
     return vit if isinstance(vit, ViTBackbone) else ViTBackbone(vit)

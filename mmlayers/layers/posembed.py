@@ -24,9 +24,9 @@ plain table.
 
 Official tables (``pos_table="official"`` in the layers that add 2-D tables): the
 MM-Interleaved code computes one square ``G × G`` table once, in float32 arithmetic, with
-the row half first (:func:`official_sincos_2d`), stores it in the checkpoint, and
+the row half first ([`official_sincos_2d`][mmlayers.layers.posembed.official_sincos_2d]), stores it in the checkpoint, and
 resizes it bicubically (float32, ``align_corners=False``) to every other map size
-(:func:`resize_pos_table`). Resized rows are not the formula evaluated at new
+([`resize_pos_table`][mmlayers.layers.posembed.resize_pos_table]). Resized rows are not the formula evaluated at new
 coordinates; loading the stored table reproduces the official numbers exactly.
 """
 

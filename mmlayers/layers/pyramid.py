@@ -6,11 +6,11 @@ Shape key: b batch · t ViT tokens (prefix + H·W) · l levels · d width · c,H
 Two ways to turn a plain ViT into the four-level pyramid that MM-Interleaved's feature
 synchronizers sample from (64², 32², 16², 8² for a 16 × 16 patch grid):
 
-- :class:`ViTAdapterPyramid`: ViT-Adapter (Chen et al., ICLR 2023) as used by
+- [`ViTAdapterPyramid`][mmlayers.layers.pyramid.ViTAdapterPyramid]: ViT-Adapter (Chen et al., ICLR 2023) as used by
   MM-Interleaved: a conv spatial prior on a ``16·H × 16·W`` copy of the image and one
   interaction block per group of ViT layers; the ViT's tokens change only through
   zero-initialised injectors, so the wrapped ViT is exactly itself at init.
-- :class:`SimpleFeaturePyramid`: ViTDet's deconv / pool pyramid from the last ViT map
+- [`SimpleFeaturePyramid`][mmlayers.layers.pyramid.SimpleFeaturePyramid]: ViTDet's deconv / pool pyramid from the last ViT map
   (Li et al., ECCV 2022); no ViT interaction, much cheaper.
 
 Strides in ``feature_info`` are in pixels of the adapter's frame, where one ViT patch is
@@ -104,9 +104,9 @@ class ViTAdapterPyramid(nn.Module):
 
     Level ``i`` adds the ViT map of block ``⌈(i+1)·g/4⌉ − 1`` of the ``g`` blocks (block
     ``i`` for the default ``g = 4``). The ViT is not owned: ``forward`` receives it (a Hugging Face vision model or a
-    :class:`~mmlayers.layers.hf_vit.ViTBackbone`), so this module's state dict holds only
+    [`ViTBackbone`][mmlayers.layers.hf_vit.ViTBackbone]), so this module's state dict holds only
     adapter weights. With fewer than 4 layers per group the groups follow
-    :func:`split_depth`; pass ``interaction_indexes`` to choose them.
+    [`split_depth`][mmlayers.layers.pyramid.split_depth]; pass ``interaction_indexes`` to choose them.
 
     Args:
         dim: ViT width d (pyramid channels).
@@ -122,13 +122,14 @@ class ViTAdapterPyramid(nn.Module):
         inplanes: spatial-prior stem width (64).
         in_chans: image channels.
         pos_embed: add the fixed 2-D sincos table to every level.
-        pos_table: ``"exact"``: :func:`~mmlayers.layers.posembed.sincos_2d` at each level's
+        pos_table: ``"exact"``: [`sincos_2d`][mmlayers.layers.posembed.sincos_2d] at each level's
             cell centres in ViT-grid coordinates; ``"official"``: the official stored
             ``[y|x]`` table of the ViT grid (persistent buffer ``pos_table``, loadable from
             a checkpoint), bicubically resized to each level
-            (:func:`~mmlayers.layers.posembed.resize_pos_table`).
+            ([`resize_pos_table`][mmlayers.layers.posembed.resize_pos_table]).
         spm_eps: epsilon of the spatial prior's channel LayerNorms (official: 1e-6).
-        norm_layer, act_layer: classes for the interaction blocks.
+        norm_layer: normalisation class of the interaction blocks.
+        act_layer: activation class of the interaction blocks.
         backend: deformable-attention op backend.
 
     Shapes:
@@ -299,7 +300,7 @@ class SimpleFeaturePyramid(nn.Module):
         out_dim: output channels (default ``dim``).
         scales: per-level scale factors, each one of 4, 2, 1, 0.5.
         pos_embed: add the fixed 2-D sincos table to every level.
-        pos_table: ``"exact"`` or ``"official"`` (as :class:`ViTAdapterPyramid`).
+        pos_table: ``"exact"`` or ``"official"`` (as [`ViTAdapterPyramid`][mmlayers.layers.pyramid.ViTAdapterPyramid]).
         norm_layer: 2-D norm class (channel LayerNorm); act_layer: activation class.
 
     Shapes:

@@ -102,7 +102,8 @@ class PerceiverResampler(nn.Module):
         qk_norm: LayerNorm (``norm_layer``) over dh on every head's q and k.
         qkv_bias: bias in the q, k, v projections.
         mlp_ratio: MLP hidden width / dim.
-        norm_layer, act_layer: classes.
+        norm_layer: normalisation class.
+        act_layer: activation class of the MLP.
 
     Shapes:
         context (b, s, context_dim); context_padding_mask (b, s) bool, True = padding;

@@ -32,7 +32,7 @@ above is the same function. It is computed faster than the official code:
   them (samples that leave their image are given weight 0, which is what zero padding
   gives them in the official op); pair outputs are summed per query, and the joint softmax
   is a segment softmax over the pairs of a query. The tall layout costs one copy of the
-  values; :meth:`FeatureSynchronizer.prepare_values` builds it once for many calls (e.g.
+  values; [`FeatureSynchronizer.prepare_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values] builds it once for many calls (e.g.
   the decoding steps of one prompt).
 """
 
@@ -69,7 +69,7 @@ def relative_image_positions(visibility: torch.Tensor) -> torch.Tensor:
     Returns:
         long tensor of the same shape.
 
-    Example:
+    Examples:
         >>> import torch
         >>> vis = torch.tensor([[True, False, True, True]])
         >>> relative_image_positions(vis).tolist()
@@ -87,7 +87,8 @@ class FeatureSynchronizer(nn.Module):
         query_dim: query width dq.
         value_dim: image feature width dv.
         out_dim: output width; default ``dim``.
-        heads: h. points: p sampling points per head, level and image.
+        heads: h, attention heads.
+        points: p, sampling points per head, level and image.
         level_sizes: side of each square pyramid level of one image, e.g. (32, 16, 8).
         base_size: offsets are multiplied by ``size_l / base_size`` (16 in the LLM).
         offset_init: sampling-offset biases start uniform in ±offset_init (3 LLM, 1 UNet).
@@ -103,9 +104,9 @@ class FeatureSynchronizer(nn.Module):
     logit Linear has no rows for the ignore slots (their logits are overwritten, so those
     weights are dead); the zero ``ignore_token`` is not stored; a (b, n', m) visibility with
     n' ≠ n is an error instead of silently using its last row.
-    :meth:`load_official_state_dict` maps released weights.
+    [`load_official_state_dict`][mmlayers.layers.synchronizer.FeatureSynchronizer.load_official_state_dict] maps released weights.
 
-    Example:
+    Examples:
         >>> import torch
         >>> sync = FeatureSynchronizer(dim=32, query_dim=24, value_dim=16, heads=4, points=2,
         ...                            level_sizes=(4, 2), base_size=2)
@@ -193,15 +194,15 @@ class FeatureSynchronizer(nn.Module):
 
         Args:
             features: (b, m, s, dv) image pyramids; or
-            values: (b, m, s, d) from :meth:`project_values`.
+            values: (b, m, s, d) from [`project_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.project_values].
 
         Returns:
-            a :class:`PreparedValues` to pass as ``forward(..., values=prepared)``; the
+            a [`PreparedValues`][mmlayers.layers._sync_layout.PreparedValues] to pass as ``forward(..., values=prepared)``; the
             outputs are exactly those of the raw path. Under ``torch.no_grad()`` it can be
             reused for every decoding step of one prompt; with grad it carries the graph to
             the features.
 
-        Example:
+        Examples:
             >>> import torch
             >>> sync = FeatureSynchronizer(dim=8, query_dim=6, value_dim=4, heads=2, points=2,
             ...                            level_sizes=(2, 1), base_size=2)
@@ -237,8 +238,8 @@ class FeatureSynchronizer(nn.Module):
                 concatenated in ``level_sizes`` order. Give this or ``values``.
             visibility: (b, m) or (b, n, m), bool (or 0/1); ``None``: every image visible to
                 every query. A query that sees no image gets ``output_proj(0)``.
-            values: (b, m, s, d) from :meth:`project_values`, or a :class:`PreparedValues`
-                from :meth:`prepare_values` (no per-call re-layout), instead of
+            values: (b, m, s, d) from [`project_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.project_values], or a [`PreparedValues`][mmlayers.layers._sync_layout.PreparedValues]
+                from [`prepare_values`][mmlayers.layers.synchronizer.FeatureSynchronizer.prepare_values] (no per-call re-layout), instead of
                 ``features``.
             reference_points: (b, n, 2) or (1, n, 2) normalised (x, y); default the image
                 centre (0.5, 0.5).

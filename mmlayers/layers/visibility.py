@@ -34,7 +34,8 @@ def image_starts(input_ids: torch.Tensor, *, soi_id: int, image_id: int,
 
     Args:
         input_ids: (b, n) token ids.
-        soi_id, image_id: ids of ``<soi>`` and ``<image>``.
+        soi_id: id of ``<soi>``.
+        image_id: id of ``<image>``.
         m: number of image columns; default the most images in any row (one device→host
             copy). Rows with fewer images get position ``n`` (never reached) in the rest.
 
@@ -80,9 +81,11 @@ def image_visibility(input_ids: torch.Tensor, *, soi_id: int, image_id: int, bos
 
     Args:
         input_ids: (b, n) token ids.
-        soi_id, image_id, bos_id: ids of ``<soi>``, ``<image>`` and ``<s>``.
+        soi_id: id of ``<soi>``.
+        image_id: id of ``<image>``.
+        bos_id: id of ``<s>``.
         pad_id: id of padding tokens, or ``None``.
-        m: image columns (see :func:`image_starts`); default the most images in any row.
+        m: image columns (see [`image_starts`][mmlayers.layers.visibility.image_starts]); default the most images in any row.
 
     Returns:
         ``(visibility, num_images)``: (b, n, m) bool and (b,) long images per row (images
@@ -116,8 +119,8 @@ def previous_image_visibility(input_ids: torch.Tensor, *, soi_id: int, image_id:
     pyramid of that single preceding image; the first image of a segment sees nothing.
 
     Args:
-        input_ids: (b, n) token ids. soi_id, image_id, bos_id: as in :func:`image_visibility`.
-        m: image columns (see :func:`image_starts`).
+        input_ids: (b, n) token ids. soi_id, image_id, bos_id: as in [`image_visibility`][mmlayers.layers.visibility.image_visibility].
+        m: image columns (see [`image_starts`][mmlayers.layers.visibility.image_starts]).
 
     Returns:
         ``(visibility, num_images)``: (b, m, m) bool, row k = image k, at most one True per

@@ -10,7 +10,7 @@ ViT layers: an injector lets the ViT tokens read the pyramid (deformable attenti
 scaled by a zero-initialised per-channel ``gamma``, so the ViT is unchanged at init),
 the ViT group runs, and extractors let the pyramid read the ViT tokens back (deformable
 attention + a convolutional FFN). The full model is
-:class:`mmlayers.layers.pyramid.ViTAdapterPyramid`.
+[`mmlayers.layers.pyramid.ViTAdapterPyramid`][mmlayers.layers.pyramid.ViTAdapterPyramid].
 """
 
 from __future__ import annotations
@@ -204,7 +204,8 @@ class InteractionBlock(nn.Module):
         ratio: deformable-attention width as a fraction of ``dim``.
         ffn_ratio: ConvFFN hidden width as a fraction of ``dim`` (0 disables it).
         num_extra_extractors: extractors after the first (ViT-Adapter: 2 in the last block).
-        norm_layer, act_layer: classes.
+        norm_layer: normalisation class.
+        act_layer: activation class of the feed-forward network.
         backend: deformable-attention op backend.
 
     Shapes:

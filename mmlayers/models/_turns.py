@@ -1,4 +1,4 @@
-"""Whole turns of an :class:`~mmlayers.models.session.InterleavedSession`: ``run`` and
+"""Whole turns of an [`InterleavedSession`][mmlayers.models.session.InterleavedSession]: ``run`` and
 ``stream`` (the model decides when to draw an image)."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class TurnsMixin:
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                generator: torch.Generator | None = None,
                allow_image: bool | None = None) -> Iterator[Any]:
-        """:meth:`run`, yielding text pieces as tokens are decoded and each image when it
+        """[`run`][mmlayers.models._turns.TurnsMixin.run], yielding text pieces as tokens are decoded and each image when it
         is finished (greedy or sampling; no beams). A caller that stops reading keeps a
         consistent document: the text decoded so far is part of it."""
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)

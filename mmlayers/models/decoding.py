@@ -4,7 +4,7 @@ Shape key: B hypotheses (beams) · V vocabulary.
 
 These functions only look at logits; how the logits are computed (a KV cache, a full
 forward per step) is the caller's business, so the same search runs on a cached
-:class:`~mmlayers.models.session.InterleavedSession` and on a re-encoding oracle.
+[`InterleavedSession`][mmlayers.models.session.InterleavedSession] and on a re-encoding oracle.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ __all__ = ["SamplingConfig", "TextResult", "beam_search", "choose_token"]
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    """How :func:`choose_token` picks a token.
+    """How [`choose_token`][mmlayers.models.decoding.choose_token] picks a token.
 
     Attributes:
         do_sample: draw from the (filtered) distribution; ``False``: greedy arg-max.
@@ -45,7 +45,7 @@ class SamplingConfig:
 
 @dataclass
 class TextResult:
-    """What :meth:`InterleavedSession.generate_text` returns.
+    """What [`InterleavedSession.generate_text`][mmlayers.models.session.InterleavedSession.generate_text] returns.
 
     Attributes:
         text: the decoded new text (special tokens left out).

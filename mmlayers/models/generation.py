@@ -1,12 +1,12 @@
-"""Generation helpers of :class:`~mmlayers.models.MMInterleaved`: captions and images.
+"""Generation helpers of [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved]: captions and images.
 
 Shape key: b prompts · n tokens · m images · k visual tokens per image · s pyramid tokens ·
 c,H,W image.
 
-- :meth:`GenerationMixin.caption`: ``<s><soi><image>×k [prompt]`` → greedy text until
+- [`GenerationMixin.caption`][mmlayers.models.generation.GenerationMixin.caption]: ``<s><soi><image>×k [prompt]`` → greedy text until
   ``</s>`` (or ``<soi>``), with the KV cache; generated tokens see the image (last row of
   the visibility mask).
-- :meth:`GenerationMixin.generate_images`: an interleaved prompt (text and images) +
+- [`GenerationMixin.generate_images`][mmlayers.models.generation.GenerationMixin.generate_images]: an interleaved prompt (text and images) +
   ``<soi>`` → LLM hidden states → context encoder → UNet sampling with classifier-free
   guidance (the learned negative embedding); the UNet synchronizers read the pyramid of
   the prompt's last image, so "now the same circle in blue." after an image is an edit.
@@ -36,7 +36,7 @@ def encode_prompt(tokenizer: Any, items: Sequence[Any], *, bos_id: int, soi_id: 
     """Interleaved items → ``(token ids, image tensors)``: ``<s>`` + text tokens +
     ``<soi><image>×k`` per image (+ a final ``<soi>`` with ``open_image``).
 
-    Example:
+    Examples:
         >>> from mmlayers.data import word_level_tokenizer
         >>> tok = word_level_tokenizer(["a red circle."])
         >>> ids, imgs = encode_prompt(tok, [torch.zeros(3, 4, 4), "a circle."], bos_id=1,
@@ -63,13 +63,13 @@ def cache_keyword(llm) -> str:
 
 
 def _cache_kwargs(llm, out) -> dict:
-    """The KV cache of ``out`` as the keyword :func:`cache_keyword` names."""
+    """The KV cache of ``out`` as the keyword `cache_keyword` names."""
     cache = getattr(out, "cache", None)
     return {cache_keyword(llm): out.past_key_values if cache is None else cache}
 
 
 class GenerationMixin:
-    """Captioning and image generation for :class:`~mmlayers.models.MMInterleaved`."""
+    """Captioning and image generation for [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved]."""
 
     def _tokenizer(self, tokenizer):
         tokenizer = tokenizer if tokenizer is not None else self.tokenizer
@@ -163,7 +163,8 @@ class GenerationMixin:
                 in [0, 1] or PIL images), e.g. ``["a red circle on the left."]`` or
                 ``["a red circle.", image, "now the same circle in blue."]``; a bare string
                 is a one-item prompt. ``<soi>`` is appended.
-            num_inference_steps, guidance_scale: default the config's.
+            num_inference_steps: denoising steps; default the config's.
+            guidance_scale: classifier-free guidance scale; default the config's.
             generator: seeds the initial noise.
 
         The UNet synchronizers read the pyramid of each prompt's last image (none if the

@@ -1,13 +1,12 @@
 """Size a model before allocating it: build on the meta device, count parameters per part.
 
-- :func:`build_on_meta`: an :class:`~mmlayers.models.MMInterleaved` whose tensors live on
+- [`build_on_meta`][mmlayers.models.memory.build_on_meta]: an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved] whose tensors live on
   PyTorch's ``meta`` device (shapes and dtypes, no storage), with the config's freezing
   applied. Parts given by a local ``path`` are sized from the directory's config files
   (``config.json``, ``unet/config.json``, ``vae/config.json``); no weight is read.
-- :func:`parameter_report`: parameters per part (:data:`PARTS`), total and trainable.
+- [`parameter_report`][mmlayers.models.memory.parameter_report]: parameters per part (`PARTS`), total and trainable.
 
-The paper-shaped model (:meth:`MMInterleavedConfig.paper_13b_shapes
-<mmlayers.models.config.MMInterleavedConfig.paper_13b_shapes>`) builds on meta in seconds.
+The paper-shaped model ([`MMInterleavedConfig.paper_13b_shapes`][mmlayers.models.config.MMInterleavedConfig.paper_13b_shapes]) builds on meta in seconds.
 The meta model is for planning only: its schedulers' tables are meta tensors too.
 """
 
@@ -24,7 +23,7 @@ from mmlayers.models.config import MMInterleavedConfig
 
 __all__ = ["PARTS", "build_on_meta", "parameter_report"]
 
-#: Report rows: part name → parameter-name prefixes of :class:`MMInterleaved` (first match
+#: Report rows: part name → parameter-name prefixes of [`MMInterleaved`][mmlayers.MMInterleaved] (first match
 #: wins; ``visual.`` after ``visual.vit.`` collects the pyramid, resampler and projections).
 PARTS: dict[str, tuple[str, ...]] = {
     "llm": ("llm.",),
@@ -89,12 +88,12 @@ def build_on_meta(config: MMInterleavedConfig | dict, *, dtype: torch.dtype | No
     """The model of ``config`` on the ``meta`` device: shapes only, no memory allocated.
 
     Args:
-        config: an :class:`~mmlayers.models.config.MMInterleavedConfig` (or its dict).
+        config: an [`MMInterleavedConfig`][mmlayers.models.config.MMInterleavedConfig] (or its dict).
             Parts with a ``path`` are sized from the local config files found there.
         dtype: cast the parameters to this dtype (e.g. ``torch.bfloat16``) for byte counts.
 
     Returns:
-        an :class:`~mmlayers.models.MMInterleaved` with every parameter on ``meta`` and
+        an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved] with every parameter on ``meta`` and
         ``requires_grad`` set by the config's freezing.
 
     Examples:
@@ -117,11 +116,11 @@ def build_on_meta(config: MMInterleavedConfig | dict, *, dtype: torch.dtype | No
 
 
 def parameter_report(model: nn.Module) -> dict[str, dict[str, int]]:
-    """Parameters per part of an :class:`~mmlayers.models.MMInterleaved` (meta or real).
+    """Parameters per part of an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved] (meta or real).
 
     Returns:
         ``{part: {"total": n, "trainable": n_requires_grad, "bytes": n_bytes}}`` for every
-        part of :data:`PARTS` (absent parts, e.g. no VAE, count 0), an ``"other"`` row for
+        part of `PARTS` (absent parts, e.g. no VAE, count 0), an ``"other"`` row for
         parameters outside them and a ``"total"`` row. Shared parameters count once.
 
     Raises:

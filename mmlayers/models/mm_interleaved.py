@@ -3,7 +3,8 @@
 Shape key: b rows · n tokens · m images (all rows) · k visual tokens per image ·
 s flattened pyramid tokens of one image · d width · V vocabulary · c,H,W image.
 
-One training forward on an :class:`~mmlayers.data.InterleavedBatch` (DESIGN.md §1–2)::
+One training forward on an [`InterleavedBatch`][mmlayers.data.collate.InterleavedBatch] (the paper's
+system, as the official code computes it)::
 
     vis        = VisualTokenizer(images)                  tokens (m, k, d), pyramid
     embeds     = ImageTokens.embed(input_ids, vis.tokens)  <image> slots ← visual tokens
@@ -51,7 +52,7 @@ _WEIGHTS, _CONFIG, _TOKENIZER = "model.safetensors", "config.json", "tokenizer"
 
 @dataclass
 class MMInterleavedOutput:
-    """What :meth:`MMInterleaved.forward` returns.
+    """What [`MMInterleaved.forward`][mmlayers.models.mm_interleaved.MMInterleaved.forward] returns.
 
     Attributes:
         loss: scalar ``text_weight · text_loss + image_weight · image_loss``.
@@ -75,7 +76,7 @@ def per_row_features(flat: torch.Tensor, image_row: torch.Tensor,
                      images_per_row: torch.Tensor) -> torch.Tensor:
     """Images numbered row by row (m, s, d) → per-row stacks (b, m_row, s, d), zero-padded.
 
-    Example:
+    Examples:
         >>> f = torch.arange(3.0).view(3, 1, 1)
         >>> per_row_features(f, torch.tensor([0, 0, 1]), torch.tensor([2, 1]))[..., 0, 0].tolist()
         [[0.0, 1.0], [2.0, 0.0]]
@@ -102,21 +103,26 @@ def _resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 class MMInterleaved(GenerationMixin, nn.Module):
     """The composed MM-Interleaved model (module docstring), built from its parts.
 
-    Use :meth:`from_config` (or :meth:`from_pretrained`) rather than the constructor.
+    Use [`from_config`][mmlayers.models.mm_interleaved.MMInterleaved.from_config] (or [`from_pretrained`][mmlayers.models.mm_interleaved.MMInterleaved.from_pretrained]) rather than the constructor.
     The constructor attaches the LLM's synchronizers and image tokens (hooks; the LLM's own
     weights and keys are unchanged) and keeps every part as a submodule:
     ``llm``, ``visual``, ``llm_sync`` (the synchronizer blocks), ``image_tokens``,
     ``context_encoder``, ``unet``, ``unet_sync`` and ``vae`` (or ``None``).
 
     Args:
-        config: the :class:`~mmlayers.models.config.MMInterleavedConfig` the parts follow.
-        llm: a Hugging Face causal LM. visual: a :class:`~mmlayers.vision.VisualTokenizer`.
-        unet, scheduler, inference_scheduler, context_encoder, unet_sync, vae: from
-            :func:`~mmlayers.models.builders.build_decoder` (``unet_sync`` attached to
-            ``unet``).
+        config: the [`MMInterleavedConfig`][mmlayers.models.config.MMInterleavedConfig] the parts follow.
+        llm: a Hugging Face causal LM. visual: a [`VisualTokenizer`][mmlayers.vision.VisualTokenizer].
+        unet: a diffusers ``UNet2DConditionModel`` (from
+            [`build_decoder`][mmlayers.models.builders.build_decoder], as are the next five).
+        scheduler: the training noise scheduler.
+        inference_scheduler: the sampling scheduler.
+        context_encoder: an [`ImageContextEncoder`][mmlayers.adapters.context.ImageContextEncoder].
+        unet_sync: a [`UNetSynchronizer`][mmlayers.adapters.unet_sync.UNetSynchronizer]
+            attached to ``unet``.
+        vae: an ``AutoencoderKL``, or ``None`` for a pixel-space UNet.
         tokenizer: optional tokenizer, used by the generation helpers and saved with the model.
 
-    Example:
+    Examples:
         >>> import torch
         >>> from mmlayers.data import InterleavedCollator, ShapesCorpus, word_level_tokenizer
         >>> corpus = ShapesCorpus(seed=0, length=4, kinds=("caption_image", "edit"))
@@ -173,7 +179,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
     def from_config(cls, config: MMInterleavedConfig | dict, *, tokenizer: Any = None,
                     train_policy: bool = True) -> MMInterleaved:
         """Build every part (local directories or random init) and, with ``train_policy``,
-        set ``requires_grad`` as the config says (:meth:`apply_training_policy`)."""
+        set ``requires_grad`` as the config says ([`apply_training_policy`][mmlayers.models.mm_interleaved.MMInterleaved.apply_training_policy])."""
         config = builders.resolve_config(config)
         llm = builders.build_llm(config.llm)
         d = llm.get_input_embeddings().weight.shape[1]
@@ -230,7 +236,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
         return tuple(self.visual.vit.image_size)
 
     def encode_images(self, images: torch.Tensor):
-        """(m, c, H, W) images in [0, 1] → :class:`~mmlayers.vision.VisualTokenizerOutput`
+        """(m, c, H, W) images in [0, 1] → [`VisualTokenizerOutput`][mmlayers.vision.VisualTokenizerOutput]
         (resized to the ViT's input size when needed)."""
         p = self.visual.pos_proj.weight
         return self.visual(_resize(images.to(p.device, p.dtype), self.vit_image_size))
@@ -271,7 +277,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
         """Losses of a collated batch (module docstring).
 
         Args:
-            batch: an :class:`~mmlayers.data.InterleavedBatch` on the model's device.
+            batch: an [`InterleavedBatch`][mmlayers.data.collate.InterleavedBatch] on the model's device.
             generator: seeds the diffusion timesteps and noise and the context dropout
                 (reproducible training); default the global RNG.
 
@@ -337,7 +343,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
 
         Args:
             full: write every weight. Default: leave out the frozen parts that were loaded
-                from a local directory (LLM, ViT, VAE, frozen UNet); :meth:`from_pretrained`
+                from a local directory (LLM, ViT, VAE, frozen UNet); [`from_pretrained`][mmlayers.models.mm_interleaved.MMInterleaved.from_pretrained]
                 loads them from there again.
         """
         from safetensors.torch import save_file
@@ -359,7 +365,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> MMInterleaved:
-        """Rebuild from :meth:`save_pretrained` output (frozen parts from their own paths).
+        """Rebuild from [`save_pretrained`][mmlayers.models.mm_interleaved.MMInterleaved.save_pretrained] output (frozen parts from their own paths).
 
         Raises:
             ValueError: missing weights (other than parts loaded from their own directory)

@@ -6,22 +6,22 @@ of one image · dv pyramid width · d LLM width · V vocabulary · c,H,W image.
 Writing an interleaved document alternates: text until the model opens an image
 (``<soi>``), the image, then more text. The official loop re-encodes the whole document
 every turn (and every old image with the vision encoder) and rebuilds the diffusion
-pipeline per image. An :class:`InterleavedSession` keeps, across turns:
+pipeline per image. An [`InterleavedSession`][mmlayers.models.session.InterleavedSession] keeps, across turns:
 
 - the LLM's KV cache: only tokens not yet seen are run (a turn's prompt, each new token);
 - per image, computed once when it is added: its k visual tokens, its pyramid for the
   LLM synchronizers and for the UNet synchronizers, and each LLM synchronizer's value
-  projection (:class:`~mmlayers.layers.synchronizer.PreparedValues` are rebuilt from the
+  projection ([`PreparedValues`][mmlayers.layers._sync_layout.PreparedValues] are rebuilt from the
   kept projections when an image is added);
 - the LLM's last hidden states (the context of the next image) and one
-  :class:`~mmlayers.adapters.diffusion_sampling.ImageGenerator` per scheduler.
+  [`ImageGenerator`][mmlayers.adapters.diffusion_sampling.ImageGenerator] per scheduler.
 
 With the same decoding settings and seeds it produces the text and images of a loop that
 re-encodes the whole document for every token (checked in the tests, in float64).
 
 Document layout: ``<s>`` text tokens, and ``<soi><image>×k`` per image. A generated
 ``</s>`` ends the document (it stays in it); a generated ``<soi>`` opens an image, which
-:meth:`~InterleavedSession.generate_image` draws or :meth:`~InterleavedSession.add_image`
+[`generate_image`][mmlayers.models.session.InterleavedSession.generate_image] draws or [`add_image`][mmlayers.models.session.InterleavedSession.add_image]
 fills. The context length is ``max_length`` tokens: a call that would exceed it raises
 before changing anything (there is no sliding window).
 """
@@ -46,10 +46,10 @@ __all__ = ["InterleavedSession", "TextResult"]
 
 
 class InterleavedSession(TurnsMixin):
-    """An interleaved document (text and images) that an :class:`MMInterleaved` extends.
+    """An interleaved document (text and images) that an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved] extends.
 
     Args:
-        model: an :class:`~mmlayers.models.MMInterleaved` (put in eval mode by the caller).
+        model: an [`MMInterleaved`][mmlayers.models.mm_interleaved.MMInterleaved] (put in eval mode by the caller).
         tokenizer: default ``model.tokenizer``.
         max_length: most tokens in the document; default the LLM's
             ``max_position_embeddings``.
@@ -308,16 +308,22 @@ class InterleavedSession(TurnsMixin):
         """Continue the document with text until ``</s>``, ``<soi>`` or ``max_new_tokens``.
 
         Args:
-            do_sample, temperature, top_k, top_p: see :class:`SamplingConfig`
-                (default greedy); ``generator`` seeds the draws.
-            num_beams, length_penalty: beam search (with ``num_beams > 1``, no sampling).
+            max_new_tokens: most new tokens.
+            do_sample: sample instead of greedy decoding (see
+                [`SamplingConfig`][mmlayers.models.decoding.SamplingConfig]).
+            temperature: sampling temperature.
+            top_k: sample among the ``top_k`` most likely tokens.
+            top_p: nucleus sampling mass.
+            num_beams: beam search with ``num_beams > 1`` (no sampling).
+            length_penalty: beam-search length penalty.
+            generator: seeds the sampling draws.
             allow_image: let the model open an image (``<soi>``); default: if the model has
                 an image decoder.
             min_new_tokens: ``</s>`` and ``<soi>`` are not chosen before this many tokens
                 (greedy and sampling).
 
         Returns:
-            a :class:`TextResult`; the new tokens are now part of the document.
+            a [`TextResult`][mmlayers.models.decoding.TextResult]; the new tokens are now part of the document.
         """
         max_new, allow = self._start_text(max_new_tokens, allow_image)
         sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
@@ -379,7 +385,8 @@ class InterleavedSession(TurnsMixin):
         it to the document; returns it as a PIL image.
 
         Args:
-            num_inference_steps, guidance_scale: default the config's (30, 7.5 in the paper).
+            num_inference_steps: denoising steps; default the config's (30 in the paper).
+            guidance_scale: classifier-free guidance scale; default the config's (7.5).
             scheduler: a diffusers scheduler (instance or class name, e.g.
                 ``"DDIMScheduler"``); default the model's inference scheduler.
             generator: seeds the initial noise.

@@ -3,7 +3,7 @@
 Shape key: b batch · n queries · s value tokens · h heads · dh head width · l levels ·
 p sampling points · m images (groups of consecutive levels).
 
-No build step: the kernels in :mod:`mmlayers.ops._triton_kernels` are compiled by Triton
+No build step: the kernels in `mmlayers.ops._triton_kernels` are compiled by Triton
 on first use. Triton is imported lazily, only when the kernels run, so ``import
 mmlayers`` works without it.
 
@@ -261,7 +261,7 @@ def triton_deformable_attention(
 ) -> torch.Tensor:
     """Multi-scale deformable attention with the Triton kernels, optionally per image.
 
-    Same quantity as :func:`mmlayers.ops.multi_scale_deformable_attention` (see its
+    Same quantity as [`mmlayers.ops.multi_scale_deformable_attention`][mmlayers.ops.deform_attn.multi_scale_deformable_attention] (see its
     "Equivalent PyTorch"), differentiable in ``value``, ``sampling_locations`` and
     ``attention_weights``, plus an optional visibility mask for the synchronizer, where the
     ``l`` levels are ``m`` images of ``l / m`` levels each, concatenated.

@@ -5,9 +5,9 @@ p sampling points.
 
 The functions are plain Python on purpose: ``triton.jit`` decides at *decoration* time
 whether a kernel is compiled or run by the interpreter (``TRITON_INTERPRET=1``), so
-:mod:`mmlayers.ops._triton` wraps them on first use, once per mode. Importing this
+`mmlayers.ops._triton` wraps them on first use, once per mode. Importing this
 module without triton leaves the kernels unusable (``tl`` is ``None``) but lets tools
-such as ``pytest --doctest-modules`` import it; :mod:`mmlayers.ops._triton` only wraps
+such as ``pytest --doctest-modules`` import it; `mmlayers.ops._triton` only wraps
 them when triton is installed.
 
 One program owns ``BLOCK_N`` queries of one (batch, head) pair (a 1-D grid of
@@ -118,7 +118,7 @@ def deform_attn_bwd_kernel(
     HAS_VIS: tl.constexpr, COMPUTE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Gradients of :func:`deform_attn_fwd_kernel` for value, loc and attn.
+    """Gradients of `deform_attn_fwd_kernel` for value, loc and attn.
 
     ``grad_value`` is a ``COMPUTE`` workspace (b, s, h, dh) filled by atomic adds; when
     all queries of the block share every point's top-left corner (identical locations,

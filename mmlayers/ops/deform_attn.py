@@ -53,7 +53,7 @@ class DeformAttnInputs:
 
 @dataclass(frozen=True)
 class DeformAttnBackend:
-    """A registered implementation of :func:`multi_scale_deformable_attention`.
+    """A registered implementation of [`multi_scale_deformable_attention`][mmlayers.ops.deform_attn.multi_scale_deformable_attention].
 
     Attributes:
         name: registry key, e.g. ``"torch"``.
@@ -110,7 +110,7 @@ def available_backends() -> list[str]:
     """Names of the backends whose packages are present here, best first.
 
     A backend listed here may still decline particular inputs (for example ``"triton"``
-    needs CUDA tensors); :func:`explain_backends` says why.
+    needs CUDA tensors); [`explain_backends`][mmlayers.ops.deform_attn.explain_backends] says why.
 
     Examples:
         >>> from mmlayers.ops import available_backends
