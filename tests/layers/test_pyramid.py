@@ -259,3 +259,33 @@ def test_official_table_default_values_and_spm_eps():
         ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_table="x")
     with pytest.raises(ValueError, match="norm_eps must be a positive number, got 0"):
         ViTAdapterPyramid.from_vit(vit, inplanes=8, spm_eps=0)
+
+
+@pytest.mark.parametrize("groups,ends", [(4, [1, 2, 3, 4]), (2, [2, 2, 4, 4])])
+def test_level_values_add_the_vit_maps(groups, ends):
+    """Level i = adapter map i + the ViT map after the block ending quarter i+1, bilinearly
+    resized. The ViT maps come from the ViT's own ``hidden_states`` (zero injectors: the
+    ViT computes exactly what it computes alone); the adapter maps are read off the spatial
+    prior, the up-conv and the last interaction block."""
+    vit = tiny_vit("clip")
+    pyramid = ViTAdapterPyramid.from_vit(vit, inplanes=8, pos_embed=False,
+                                         num_interactions=groups)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    seen = {}
+    hooks = [pyramid.spm.register_forward_hook(lambda m, a, o: seen.update(c1=o[0])),
+             pyramid.up.register_forward_hook(lambda m, a, o: seen.update(up=o)),
+             pyramid.interactions[-1].register_forward_hook(lambda m, a, o: seen.update(c=o[1]))]
+    with torch.no_grad():
+        levels = pyramid(x, vit).levels
+        states = vit(pixel_values=x, output_hidden_states=True).hidden_states
+    for h in hooks:
+        h.remove()
+    c2, c3, c4 = (rearrange(p, "b (H W) d -> b d H W", H=s) for p, s in
+                  zip(seen["c"].split([64, 16, 4], dim=1), (8, 4, 2), strict=True))
+    adapter = [seen["c1"] + seen["up"], c2, c3, c4]
+    for i, (size, end) in enumerate(zip((16, 8, 4, 2), ends, strict=True)):
+        vit_map = rearrange(states[end][:, 1:], "b (H W) d -> b d H W", H=4)
+        want = adapter[i] + nn.functional.interpolate(vit_map, size=(size, size),
+                                                       mode="bilinear", align_corners=False)
+        assert vit_map.abs().amax() > 0.1
+        torch.testing.assert_close(levels[i], want, rtol=1e-5, atol=1e-5, msg=f"level {i}")
