@@ -104,6 +104,17 @@ def test_packing_rows_and_padding(tok):
     assert single.row_documents == [[0], [1], [2], [3]] and single.input_ids.shape == (4, 9)
 
 
+def test_documents_that_fill_a_row_exactly_share_it(tok):
+    docs = [Document(["a red circle.", img(0.1)]), Document(["a red circle.", img(0.2)]),
+            Document(["blue."])]                       # 9 + 9 = 18 tokens, then 4
+    b = collate(tok, docs, max_length=18)
+    assert b.row_documents == [[0, 1], [2]] and b.truncated == []
+    assert b.attention_mask.tolist() == [[1] * 18, [1] * 4 + [0] * 14]
+    one = collate(tok, docs[:1], max_length=9)         # exactly max_length: not truncated
+    assert one.truncated == [] and one.input_ids.tolist() == [
+        [S, A, RED, CIRCLE, DOT, SOI, IMG, IMG, E]]
+
+
 def test_bookkeeping_agrees_with_visibility_masks(tok):
     corpus = ShapesCorpus(seed=4, length=12)
     col = InterleavedCollator(tokenizer=word_level_tokenizer(corpus.vocabulary()),

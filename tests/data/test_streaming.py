@@ -95,6 +95,22 @@ def test_packing_keeps_every_token_and_never_cuts_an_image(truncation):
         assert all(r.opens[1:] == [True] * (len(r.opens) - 1) for r in rows)
 
 
+@pytest.mark.parametrize("truncation", ["image", "document"])
+def test_a_document_that_fills_the_row_exactly_stays_in_it(truncation):
+    """8 + 4 tokens in a 12-token row with one image allowed: both fit, to the last token
+    and the last image; the next document starts the next row."""
+    a, b, c = _doc_tokens(2, [0], start=100), _doc_tokens(2, [], start=200), \
+        _doc_tokens(1, [0], start=300)
+    assert (len(a.ids), len(b.ids), len(c.ids)) == (8, 4, 7)
+    packer = RowPacker(max_length=12, num_image_tokens=K, max_images=1, truncation=truncation)
+    rows = list(packer.pack([(a, "before0", "after0"), (b, "before1", "after1"),
+                             (c, "before2", "after2")]))
+    assert [r.input_ids for r in rows] == [a.ids + b.ids, c.ids]
+    assert [r.segments for r in rows] == [[0, 8], [0]]
+    assert [r.state for r in rows] == [{"at": "before2", "offset": 0},
+                                       {"at": "after2", "offset": 0}]
+
+
 def test_packing_state_points_at_the_next_token():
     docs = [_doc_tokens(5, [2], start=100), _doc_tokens(6, [0, 3], start=200)]
     rows = list(RowPacker(max_length=8, num_image_tokens=K).pack(
