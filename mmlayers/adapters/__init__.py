@@ -27,6 +27,7 @@ _LAZY = {
     "image_contexts": "mmlayers.adapters.diffusion",
     "diffusion_loss": "mmlayers.adapters.diffusion",
     "encode_latents": "mmlayers.adapters.diffusion",
+    "unet_extra_inputs": "mmlayers.adapters.diffusion",
 }
 
 __all__ = sorted(_LAZY)

@@ -36,7 +36,9 @@ from mmlayers.adapters.context import ImageContextEncoder, ImageContexts, image_
 from mmlayers.adapters.diffusion_objective import diffusion_loss, encode_latents
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
 from mmlayers.adapters.skip_sync import SkipSynchronizer
+from mmlayers.adapters.unet_inputs import unet_extra_inputs
 from mmlayers.adapters.unet_sync import UNetSynchronizer
 
 __all__ = ["ImageContextEncoder", "ImageContexts", "ImageGenerator", "SkipSynchronizer",
-           "UNetSynchronizer", "diffusion_loss", "encode_latents", "image_contexts"]
+           "UNetSynchronizer", "diffusion_loss", "encode_latents", "image_contexts",
+           "unet_extra_inputs"]

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlayers.adapters.unet_inputs import unet_extra_inputs
+
 __all__ = ["diffusion_loss", "encode_latents"]
 
 
@@ -53,7 +55,9 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
                    pyramid: torch.Tensor | None = None, has_image: torch.Tensor | None = None,
                    has_context: torch.Tensor | None = None,
                    timesteps: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+                   generator: torch.Generator | None = None,
+                   added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                   class_labels: torch.Tensor | None = None) -> torch.Tensor:
     """Per-image diffusion MSE (module docstring).
 
     Args:
@@ -71,10 +75,18 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
         has_context: (b,) bool; images without context get zero loss (default: all have).
         timesteps: fixed (b,) long timesteps; default drawn with ``generator``.
         noise: fixed noise shaped like the (latent) images; default drawn with ``generator``.
+        added_cond_kwargs: name → (b, …) extra UNet inputs, e.g. ``text_embeds`` and
+            ``time_ids`` of an SDXL-style UNet (``addition_embed_type="text_time"``); see
+            [`unet_extra_inputs`][mmlayers.adapters.unet_inputs.unet_extra_inputs].
+        class_labels: (b,) labels of a class-conditioned UNet.
 
     Returns:
         (b,) float32 loss per image (average it as you like; the official code averages
         over all images including the zero ones).
+
+    Raises:
+        ValueError: a bad shape, or an extra input the UNet needs is missing (the message
+            says what to pass) or one it does not read is given.
 
     Examples:
         >>> import torch
@@ -110,6 +122,8 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
                          f" have {x0.shape[1]} (shape {tuple(x0.shape)})")
     b = x0.shape[0]
     _check_context(unet, encoder_hidden_states, b)
+    extra = unet_extra_inputs(unet, b, added_cond_kwargs=added_cond_kwargs,
+                              class_labels=class_labels)
     if synchronizer is None and pyramid is not None:
         raise ValueError("a pyramid was given without a synchronizer")
     if synchronizer is not None and not synchronizer.attached:
@@ -137,9 +151,9 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
     ehs = encoder_hidden_states.to(unet.dtype)
     if synchronizer is not None:
         with synchronizer.condition(pyramid, has_image):
-            pred = unet(noisy, timesteps, encoder_hidden_states=ehs).sample
+            pred = unet(noisy, timesteps, encoder_hidden_states=ehs, **extra).sample
     else:
-        pred = unet(noisy, timesteps, encoder_hidden_states=ehs).sample
+        pred = unet(noisy, timesteps, encoder_hidden_states=ehs, **extra).sample
     loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean((1, 2, 3))
     if has_context is not None:
         if tuple(has_context.shape) != (b,):

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from mmlayers.adapters.diffusion_objective import _check_context
+from mmlayers.adapters.unet_inputs import _concat_extra, unet_extra_inputs
 
 __all__ = ["ImageGenerator"]
 
@@ -100,7 +101,11 @@ class ImageGenerator:
                  num_inference_steps: int = 30, guidance_scale: float = 7.5,
                  generator: torch.Generator | None = None, latents: torch.Tensor | None = None,
                  height: int | None = None, width: int | None = None,
-                 output_type: str = "pt", progress: bool = False) -> torch.Tensor:
+                 output_type: str = "pt", progress: bool = False,
+                 added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                 class_labels: torch.Tensor | None = None,
+                 negative_added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+                 negative_class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Generate b images.
 
         Args:
@@ -119,9 +124,21 @@ class ImageGenerator:
                 factor).
             output_type: ``"pt"`` images in [0, 1] or ``"latent"``.
             progress: show a tqdm bar.
+            added_cond_kwargs: name → (b, …) extra UNet inputs, e.g. ``text_embeds`` and
+                ``time_ids`` of an SDXL-style UNet (``addition_embed_type="text_time"``);
+                see [`unet_extra_inputs`][mmlayers.adapters.unet_inputs.unet_extra_inputs].
+            class_labels: (b,) labels of a class-conditioned UNet.
+            negative_added_cond_kwargs: the same for the unconditional branch (e.g. SDXL's
+                negative pooled embedding); default ``added_cond_kwargs``.
+            negative_class_labels: (b,) labels of the unconditional branch; default
+                ``class_labels``.
 
         Returns:
             (b, 3, H, W) images in [0, 1], or the final latents.
+
+        Raises:
+            ValueError: a bad shape or argument, or an extra input the UNet needs is
+                missing (the message says what to pass) or one it does not read is given.
         """
         if output_type not in ("pt", "latent"):
             raise ValueError(f"output_type must be 'pt' or 'latent', got {output_type!r}")
@@ -133,6 +150,8 @@ class ImageGenerator:
         b = encoder_hidden_states.shape[0] if isinstance(encoder_hidden_states,
                                                          torch.Tensor) else -1
         _check_context(unet, encoder_hidden_states, b)
+        extra = unet_extra_inputs(unet, b, added_cond_kwargs=added_cond_kwargs,
+                                  class_labels=class_labels)
         cfg = guidance_scale != 1.0
         ehs = encoder_hidden_states.to(dev, dt)
         if cfg:
@@ -144,6 +163,15 @@ class ImageGenerator:
                 raise ValueError(f"negative_hidden_states must have shape (1 or {b}, "
                                  f"{ehs.shape[1]}, {ehs.shape[2]}), got {tuple(neg.shape)}")
             ehs = torch.cat([neg.to(dev, dt).expand_as(ehs), ehs])
+            negative = unet_extra_inputs(
+                unet, b, added_cond_kwargs=(added_cond_kwargs if negative_added_cond_kwargs
+                                            is None else negative_added_cond_kwargs),
+                class_labels=class_labels if negative_class_labels is None
+                else negative_class_labels)
+            extra = _concat_extra(negative, extra)
+        elif negative_added_cond_kwargs is not None or negative_class_labels is not None:
+            raise ValueError("negative_added_cond_kwargs / negative_class_labels are for the "
+                             "unconditional branch, which guidance_scale=1 does not run")
         if self.synchronizer is None and pyramid is not None:
             raise ValueError("a pyramid was given but the generator has no synchronizer")
         h, w = self._size(height, width)
@@ -168,7 +196,7 @@ class ImageGenerator:
             for t in steps:
                 inp = torch.cat([latents, latents]) if cfg else latents
                 inp = sched.scale_model_input(inp, t)
-                out = unet(inp, t, encoder_hidden_states=ehs).sample
+                out = unet(inp, t, encoder_hidden_states=ehs, **extra).sample
                 if cfg:
                     u, c = out.chunk(2)
                     out = u + guidance_scale * (c - u)

@@ -102,6 +102,13 @@ class UNetSynchronizer(nn.Module):
         pos_table: query position tables, ``"exact"`` or ``"official"``
             ([`SkipSynchronizer`][mmlayers.adapters.skip_sync.SkipSynchronizer]).
 
+    Supported UNets: diffusers ``UNet2DConditionModel`` layouts whose up blocks consume
+    exactly the skip tensors of the down path, with a mid block; a UNet built with
+    ``mid_block_type=None`` is refused by [`skip_layout`][mmlayers.adapters.unet_sync.UNetSynchronizer.skip_layout].
+    Extra UNet inputs (SDXL's ``added_cond_kwargs``, ``class_labels``) do not concern the
+    synchronizer; [`diffusion_loss`][mmlayers.adapters.diffusion_objective.diffusion_loss] and
+    [`ImageGenerator`][mmlayers.adapters.diffusion_sampling.ImageGenerator] pass them on.
+
     Examples:
         >>> import torch
         >>> from diffusers import UNet2DConditionModel
@@ -161,8 +168,17 @@ class UNetSynchronizer(nn.Module):
 
         Raises:
             TypeError: ``unet`` lacks ``conv_in``, ``down_blocks``, ``mid_block``,
-                ``up_blocks`` or a down block lacks ``resnets``.
+                ``up_blocks`` or a down block lacks ``resnets``; or it was built with
+                ``mid_block_type=None`` (refused: the paper's layout puts a synchronizer
+                on the mid-block output, and such a UNet has none).
         """
+        if getattr(unet, "config", None) is not None and getattr(unet, "conv_in", None) \
+                is not None and getattr(unet, "mid_block", None) is None:
+            raise TypeError(
+                f"this UNet has no mid block (mid_block_type="
+                f"{getattr(unet.config, 'mid_block_type', None)!r}); UNetSynchronizer needs one "
+                f"(one synchronizer reads the mid-block output): build the UNet with a mid "
+                f"block, e.g. mid_block_type='UNetMidBlock2DCrossAttn'")
         for name in ("conv_in", "down_blocks", "up_blocks", "mid_block", "config"):
             if getattr(unet, name, None) is None:
                 raise TypeError(f"expected a diffusers UNet2DConditionModel with a "
