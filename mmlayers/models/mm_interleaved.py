@@ -364,6 +364,45 @@ class MMInterleaved(GenerationMixin, nn.Module):
             self.tokenizer.save_pretrained(os.path.join(directory, _TOKENIZER))
 
     @classmethod
+    def from_official(cls, checkpoint: str | os.PathLike | dict, *, llm: str, vit: str, sd: str,
+                      tokens: Any = None, dtype: torch.dtype | None = None,
+                      image_size: int | None = None, **kwargs) -> MMInterleaved:
+        """Build the official configuration from local component directories and load the
+        released MM-Interleaved weights into it.
+
+        The config is [`official_config`][mmlayers.models.official.official_config] (Q-Former
+        resamplers, stored position tables, sizes read from the checkpoint); the weights go
+        through [`convert_official_state_dict`][mmlayers.models.official.convert_official_state_dict]
+        and every key is checked ([`load_converted_state_dict`][mmlayers.models.official.load_converted_state_dict]).
+        The model keeps ``forward(batch, generator=...)`` and ``generate_images(...)``.
+
+        Args:
+            checkpoint: a ``.bin`` / ``.safetensors`` file, a directory of them (sharded with
+                an ``*.index.json`` or not), or an official state dict.
+            llm: local directory of the LLM (Vicuna-13B).
+            vit: local directory of the CLIP ViT-L/14.
+            sd: local Stable Diffusion 2.1-base directory.
+            tokens: [`TokenConfig`][mmlayers.models.config.TokenConfig]; default ``<soi>``
+                32000, ``<image>`` 32001.
+            dtype: dtype to cast the loaded model to (position tables are loaded in float32
+                first, then cast).
+            image_size: the decoder's image side; default: the official 512.
+            **kwargs: for [`from_config`][mmlayers.models.mm_interleaved.MMInterleaved.from_config]
+                (e.g. ``tokenizer``).
+
+        Returns:
+            the model with the official weights.
+
+        Raises:
+            ValueError: an unreadable file, or a key that is unknown, missing or mis-shaped
+                (named in the message).
+        """
+        from mmlayers.models.official import from_official
+
+        return from_official(cls, checkpoint, llm=llm, vit=vit, sd=sd, tokens=tokens,
+                             dtype=dtype, image_size=image_size, **kwargs)
+
+    @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> MMInterleaved:
         """Rebuild from [`save_pretrained`][mmlayers.models.mm_interleaved.MMInterleaved.save_pretrained] output (frozen parts from their own paths).
 
