@@ -39,11 +39,12 @@ class TurnsMixin:
                image_kwargs: dict | None = None, do_sample: bool = False,
                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                generator: torch.Generator | None = None,
-               allow_image: bool | None = None) -> Iterator[Any]:
+               allow_image: bool | None = None,
+               repetition_penalty: float = 1.0) -> Iterator[Any]:
         """[`run`][mmlayers.models._turns.TurnsMixin.run], yielding text pieces as tokens are decoded and each image when it
         is finished (greedy or sampling; no beams). A caller that stops reading keeps a
         consistent document: the text decoded so far is part of it."""
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
         for _ in range(max_turns):
             max_new, allow = self._start_text(max_new_tokens, allow_image)
             tokens, shown, complete = [], "", False

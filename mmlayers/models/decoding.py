@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingConfig", "TextResult", "beam_search", "choose_token"]
+__all__ = ["OFFICIAL_SAMPLING", "SamplingConfig", "TextResult", "beam_search", "choose_token",
+           "penalize_repetition"]
 
 
 @dataclass(frozen=True)
@@ -27,12 +28,16 @@ class SamplingConfig:
         top_k: keep the k most likely tokens (``None``: all).
         top_p: keep the smallest set of most likely tokens whose probability reaches
             ``top_p`` (nucleus sampling; ``None`` or 1: all).
+        repetition_penalty: CTRL's penalty on tokens already generated in this text turn
+            ([`penalize_repetition`][mmlayers.models.decoding.penalize_repetition]); 1: none.
+            Applies to greedy decoding too.
     """
 
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         if not self.temperature > 0:
@@ -41,6 +46,44 @@ class SamplingConfig:
             raise ValueError(f"top_k must be a positive int or None, got {self.top_k!r}")
         if self.top_p is not None and not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
+        if isinstance(self.repetition_penalty, bool) or not isinstance(
+                self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be a number > 0, got "
+                             f"{self.repetition_penalty!r}")
+
+
+#: The official MM-Interleaved text decoding (``mm_inference.yaml``): nucleus sampling with
+#: top-p 0.9, repetition penalty 1.3, temperature 1; at most 90 and at least 8 new tokens
+#: per text turn (``max_new_tokens`` / ``min_new_tokens`` of the caller).
+OFFICIAL_SAMPLING = SamplingConfig(do_sample=True, top_p=0.9, repetition_penalty=1.3)
+
+
+def penalize_repetition(logits: torch.Tensor, previous, penalty: float) -> torch.Tensor:
+    """CTRL's repetition penalty (Keskar et al. 2019), as ``transformers`` applies it.
+
+    For every id in ``previous`` (each once): a positive logit is divided by ``penalty``,
+    a negative one multiplied by it; ``-inf`` stays ``-inf``.
+
+    Args:
+        logits: (V,) logits.
+        previous: token ids already generated (any iterable of ints or a tensor).
+        penalty: > 0 (> 1 discourages repeats).
+
+    Returns:
+        a new (V,) tensor.
+
+    Examples:
+        >>> import torch
+        >>> penalize_repetition(torch.tensor([2.0, -1.0, 0.5]), [0, 1, 1], 2.0).tolist()
+        [1.0, -2.0, 0.5]
+    """
+    ids = torch.as_tensor(list(previous) if not isinstance(previous, torch.Tensor) else previous,
+                          dtype=torch.long, device=logits.device).unique()
+    if ids.numel() == 0:
+        return logits.clone()
+    picked = logits[ids]
+    picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+    return logits.index_copy(0, ids, picked)
 
 
 @dataclass
@@ -61,11 +104,13 @@ class TextResult:
 
 
 def choose_token(logits: torch.Tensor, config: SamplingConfig = SamplingConfig(), *,
-                 generator: torch.Generator | None = None) -> int:
+                 generator: torch.Generator | None = None, previous=None) -> int:
     """One token id from (V,) logits (−inf marks forbidden tokens).
 
-    Greedy takes the first arg-max; sampling filters by ``top_k`` then ``top_p`` and draws
-    one token with ``torch.multinomial`` (seeded by ``generator``).
+    With ``config.repetition_penalty`` ≠ 1 the logits of the ``previous`` ids (the tokens
+    generated so far in this turn) are penalised first. Greedy takes the first arg-max;
+    sampling filters by ``top_k`` then ``top_p`` and draws one token with
+    ``torch.multinomial`` (seeded by ``generator``).
 
     Examples:
         >>> import torch
@@ -76,6 +121,8 @@ def choose_token(logits: torch.Tensor, config: SamplingConfig = SamplingConfig()
         >>> choose_token(logits, SamplingConfig(do_sample=True, top_k=1), generator=g)
         1
     """
+    if config.repetition_penalty != 1 and previous is not None:
+        logits = penalize_repetition(logits, previous, config.repetition_penalty)
     if not config.do_sample:
         return int(logits.argmax())
     scores = logits.double() / config.temperature

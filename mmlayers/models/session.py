@@ -281,12 +281,14 @@ class InterleavedSession(TurnsMixin):
     def _tokens(self, max_new: int, allow_image: bool, sampling: SamplingConfig,
                 generator: torch.Generator | None, min_new: int = 0) -> Iterator[int]:
         stops = (self.tok.eos_id, self.tok.soi_id)
+        new: list[int] = []
         for i in range(max_new):
             self._feed()
             logits = self._text_logits(allow_image)
             if i < min_new:
                 logits[list(stops)] = float("-inf")
-            token = choose_token(logits, sampling, generator=generator)
+            token = choose_token(logits, sampling, generator=generator, previous=new)
+            new.append(token)
             self.ids.append(token)
             yield token
             if token in stops:
@@ -304,7 +306,8 @@ class InterleavedSession(TurnsMixin):
                       temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, num_beams: int = 1,
                       length_penalty: float = 1.0, generator: torch.Generator | None = None,
-                      allow_image: bool | None = None, min_new_tokens: int = 0) -> TextResult:
+                      allow_image: bool | None = None, min_new_tokens: int = 0,
+                      repetition_penalty: float = 1.0) -> TextResult:
         """Continue the document with text until ``</s>``, ``<soi>`` or ``max_new_tokens``.
 
         Args:
@@ -321,15 +324,21 @@ class InterleavedSession(TurnsMixin):
                 an image decoder.
             min_new_tokens: ``</s>`` and ``<soi>`` are not chosen before this many tokens
                 (greedy and sampling).
+            repetition_penalty: penalty on the tokens already generated in this call
+                (greedy and sampling; the official decoding uses 1.3, see
+                [`OFFICIAL_SAMPLING`][mmlayers.models.decoding.OFFICIAL_SAMPLING]).
 
         Returns:
             a [`TextResult`][mmlayers.models.decoding.TextResult]; the new tokens are now part of the document.
         """
         max_new, allow = self._start_text(max_new_tokens, allow_image)
-        sampling = SamplingConfig(do_sample, temperature, top_k, top_p)
+        sampling = SamplingConfig(do_sample, temperature, top_k, top_p, repetition_penalty)
         if num_beams > 1:
             if do_sample:
                 raise ValueError("beam search does not sample: use num_beams=1 with do_sample")
+            if repetition_penalty != 1:
+                raise ValueError(f"beam search has no repetition penalty: use num_beams=1 "
+                                 f"with repetition_penalty={repetition_penalty!r}")
             tokens = self._beam(max_new, allow, num_beams, length_penalty)
             self.ids += tokens
         else:

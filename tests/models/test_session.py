@@ -470,3 +470,56 @@ def test_scheduler_by_name_or_instance_and_one_generator_each(fp64):
     with pytest.raises(ValueError, match="not a diffusers scheduler"):
         session.generate_image(scheduler="NoSuchScheduler")
     assert session.num_images == 3 and not session.image_open   # the refusal changed nothing
+
+
+def test_repetition_penalty_matches_transformers_processor():
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from mmlayers.models.decoding import OFFICIAL_SAMPLING, penalize_repetition
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, generator=g, dtype=torch.float64) * 3
+    logits[5] = -math.inf
+    prev = [3, 3, 7, 5, 0]
+    want = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor([prev]), logits[None].clone())[0]
+    got = penalize_repetition(logits, prev, 1.3)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # greedy choice changes once the favourite was already generated
+    top = int(logits.argmax())
+    cfg = SamplingConfig(repetition_penalty=1e6)
+    assert choose_token(logits, cfg) == top and choose_token(logits, cfg, previous=[top]) != top
+    assert (OFFICIAL_SAMPLING.do_sample, OFFICIAL_SAMPLING.top_p,
+            OFFICIAL_SAMPLING.repetition_penalty) == (True, 0.9, 1.3)
+    with pytest.raises(ValueError, match="repetition_penalty must be a number > 0, got 0"):
+        SamplingConfig(repetition_penalty=0)
+
+
+def test_session_repetition_penalty_equals_oracle_with_transformers_processor(fp64):
+    """Greedy decoding with the penalty on this turn's tokens (the official generate passes
+    only embeddings, so the prompt is not penalised) against the re-encoding loop that
+    applies transformers' processor."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    model, tok = fp64
+    session, oracle = InterleavedSession(model), ReencodeOracle(model, tok)
+    for doc in (session, oracle):
+        doc.add_text("a red red red circle")
+    proc = RepetitionPenaltyLogitsProcessor(3.0)
+    new = []
+    for _ in range(8):  # min_new_tokens = 8: no stop token
+        logits = oracle.masked(oracle.forward()[2][0, -1])
+        logits[[oracle.t.eos_id, oracle.t.soi_id]] = -math.inf
+        if new:
+            logits = proc(torch.tensor([new]), logits[None].clone())[0]
+        token = int(logits.argmax())
+        oracle.ids.append(token)
+        new.append(token)
+        if token in (oracle.t.eos_id, oracle.t.soi_id):
+            break
+    got = session.generate_text(8, min_new_tokens=8, repetition_penalty=3.0)
+    assert got.token_ids == new
+    plain = InterleavedSession(model)
+    plain.add_text("a red red red circle")
+    assert plain.generate_text(8, min_new_tokens=8).token_ids != new  # the penalty changes this output
+    with pytest.raises(ValueError, match="beam search has no repetition penalty"):
+        session.generate_text(3, num_beams=2, repetition_penalty=1.3)
