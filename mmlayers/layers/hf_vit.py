@@ -16,9 +16,23 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["ViTBackbone", "as_vit_backbone"]
+__all__ = ["UNSUPPORTED", "ViTBackbone", "as_vit_backbone"]
 
 _LAYER_PATHS = ("encoder.layers", "encoder.layer", "layers", "layer")
+
+#: model_type → why the layer-by-layer drive cannot reproduce the model; such models are
+#: refused by ``ViTBackbone`` at construction.
+UNSUPPORTED: dict[str, str] = {
+    "yolos": "its detection tokens come after the patch tokens and its mid-position "
+             "embeddings are added between layers",
+    "vit_mae": "its embeddings randomly shuffle and drop patches (even at mask_ratio=0)",
+    "mlcd_vision_model": "its layers need rotary position_embeddings computed by the model",
+    "idefics3_vision": "its embeddings need a patch_attention_mask (variable resolution)",
+    "swin": "it is hierarchical (patch merging, windowed attention), not a plain ViT",
+    "swinv2": "it is hierarchical (patch merging, windowed attention), not a plain ViT",
+    "donut-swin": "it is hierarchical (patch merging, windowed attention), not a plain ViT",
+    "maskformer-swin": "it is hierarchical (patch merging, windowed attention), not a plain ViT",
+}
 
 
 def _get(module: nn.Module, path: str):
@@ -43,11 +57,19 @@ class ViTBackbone(nn.Module):
     - ``embeddings`` (pixels → tokens, with or without a CLS token),
     - optional ``pre_layrnorm`` (CLIP),
     - the layer list at ``encoder.layers``, ``encoder.layer``, ``layers`` or ``layer``,
-    - a final norm on the last hidden state: ``layernorm`` (ViT) or ``post_layernorm``
-      (SigLIP). CLIP's ``post_layernorm`` only touches the pooled CLS token, so for CLIP
-      the last hidden state is the raw encoder output, as in ``CLIPVisionModel``.
+    - a final norm on the last hidden state: ``layernorm`` (ViT, BEiT), ``post_layernorm``
+      (SigLIP) or ``rms_norm`` (AIMv2). CLIP's ``post_layernorm`` only touches the pooled
+      CLS token, so for CLIP the last hidden state is the raw encoder output, as in
+      ``CLIPVisionModel``;
+    - BEiT and Data2Vec-vision relative position biases: layers get the pixel
+      ``resolution``, and a bias shared by all layers is computed once per call, as the
+      models do; Data2Vec-vision's ``(tokens, grid)`` embedding output is unpacked.
 
-    Together these reproduce the model's own ``last_hidden_state``.
+    Together these reproduce the model's own ``last_hidden_state`` (tested for CLIP,
+    SigLIP, ViT, DeiT, DINOv2 (with registers), BEiT, Data2Vec-vision and AIMv2).
+    Families that cannot be driven this way are refused at construction with the reason
+    (``UNSUPPORTED``: YOLOS, ViT-MAE, MLCD, Idefics3
+    vision) as is any hierarchical model (Swin and others with a ``depths`` list).
     ``num_prefix_tokens`` (CLS, distillation, register tokens) is read from the position
     table (+ ``register_tokens``) at construction; the pyramid and the tokenizer take the
     prefix as ``t − H·W`` of what ``embed`` actually returns.
@@ -58,7 +80,8 @@ class ViTBackbone(nn.Module):
 
     Raises:
         TypeError: when the model lacks embeddings, a layer list or a config with
-            ``hidden_size``, ``num_attention_heads``, ``image_size`` and ``patch_size``.
+            ``hidden_size``, ``num_attention_heads``, ``image_size`` and ``patch_size``, or
+            is of a family listed in ``UNSUPPORTED`` or hierarchical.
 
     Shapes:
         pixel_values (b, c, H·p, W·p) → last hidden state (b, t, d) with
@@ -87,6 +110,13 @@ class ViTBackbone(nn.Module):
         root = getattr(model, "vision_model", model)
         name = type(model).__name__
         config = getattr(root, "config", None) or getattr(model, "config", None)
+        model_type = str(getattr(config, "model_type", ""))
+        if model_type in UNSUPPORTED or isinstance(getattr(config, "depths", None), (list, tuple)):
+            why = UNSUPPORTED.get(model_type, "it is hierarchical (a depths list), not a plain ViT")
+            raise TypeError(
+                f"{name} (model_type {model_type!r}) is not supported: {why}. Supported: "
+                f"plain ViTs such as CLIP, SigLIP, ViT, DeiT, DINOv2, BEiT, Data2Vec-vision, "
+                f"AIMv2")
         missing = [k for k in ("hidden_size", "num_attention_heads", "image_size", "patch_size")
                    if not hasattr(config, k)]
         if config is None or missing:
@@ -109,16 +139,31 @@ class ViTBackbone(nn.Module):
         self.num_channels = int(getattr(config, "num_channels", 3))
         self.grid_size = (self.image_size[0] // self.patch_size[0],
                           self.image_size[1] // self.patch_size[1])
-        model_type = str(getattr(config, "model_type", ""))
         self._pre_norm_name = "pre_layrnorm" if hasattr(root, "pre_layrnorm") else None
         self._final_norm_name = None
         if isinstance(getattr(root, "layernorm", None), nn.Module):
             self._final_norm_name = "layernorm"
         elif isinstance(getattr(root, "post_layernorm", None), nn.Module) and not model_type.startswith("clip"):
             self._final_norm_name = "post_layernorm"
+        elif isinstance(getattr(root, "rms_norm", None), nn.Module):  # AIMv2
+            self._final_norm_name = "rms_norm"
         params = inspect.signature(type(layers[0]).forward).parameters
         self._layer_kwargs = {k: None for k in ("attention_mask", "causal_attention_mask")
                               if k in params and params[k].default is inspect.Parameter.empty}
+        # BEiT / Data2Vec-vision: layers with a relative position bias need the pixel
+        # resolution; a bias shared by all layers is computed once, as the model does
+        if "resolution" in params:
+            self._layer_kwargs["resolution"] = self.image_size
+        self._shared_bias, self._shared_bias_arg = None, None
+        encoder = getattr(root, "encoder", None)
+        if getattr(root, "shared_position_bias", None) is not None:  # BEiT
+            self._shared_bias, self._shared_bias_arg = "shared_position_bias", "attention_mask"
+        elif getattr(encoder, "has_relative_position_bias", False):  # Data2Vec-vision
+            self._shared_bias = "encoder.relative_position_bias"
+            self._shared_bias_arg = "relative_position_bias"
+        if self._shared_bias_arg is not None and self._shared_bias_arg not in params:
+            raise TypeError(f"cannot drive {name}: it has a shared relative position bias but "
+                            f"its layers take no {self._shared_bias_arg!r} argument")
         tokens = self._count_tokens(embeddings)
         self.num_prefix_tokens = tokens - self.grid_size[0] * self.grid_size[1]
         if self.num_prefix_tokens < 0:
@@ -137,7 +182,8 @@ class ViTBackbone(nn.Module):
         with torch.no_grad():  # no position table to read: embed one blank image
             probe = torch.zeros(1, self.num_channels, *self.image_size,
                                 dtype=self._param_dtype(), device=self._param_device())
-            return int(embeddings(probe).shape[1])
+            out = embeddings(probe)
+            return int((out[0] if isinstance(out, tuple) else out).shape[1])
 
     # -- pieces -------------------------------------------------------------------------
     @property
@@ -180,14 +226,20 @@ class ViTBackbone(nn.Module):
         self.check_pixels(pixel_values)
         root = self.root
         x = root.embeddings(pixel_values.to(self._param_dtype()))
+        if isinstance(x, tuple):  # Data2Vec-vision: (tokens, patch grid)
+            x = x[0]
         if self._pre_norm_name is not None:
             x = getattr(root, self._pre_norm_name)(x)
         return x
 
     def run_layers(self, hidden_states: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
         """Run layers ``start … end−1`` through their own ``forward``: (b, t, d) → (b, t, d)."""
+        kwargs = dict(self._layer_kwargs)
+        if self._shared_bias is not None:
+            kwargs[self._shared_bias_arg] = _get(self.root, self._shared_bias)(
+                self.grid_size, interpolate_pos_encoding=False, dim_size=hidden_states.shape[1])
         for layer in self.layers[start:end]:
-            out = layer(hidden_states, **self._layer_kwargs)
+            out = layer(hidden_states, **kwargs)
             hidden_states = out[0] if isinstance(out, tuple) else out
         return hidden_states
 
