@@ -44,6 +44,20 @@ def official_sd(seed=0, dtype=torch.float64, **cfg):
     }
 
 
+def loop_relative_positions(vis):
+    """Relative image index by a plain loop (no mmlayers code): walking back from the last
+    image, the visible ones get 1, 2, …; invisible ones 0."""
+    out = torch.zeros(vis.shape, dtype=torch.long)
+    for idx in torch.cartesian_prod(*[torch.arange(k) for k in vis.shape[:-1]]).reshape(
+            -1, vis.dim() - 1).tolist():
+        r = 0
+        for k in reversed(range(vis.shape[-1])):
+            if vis[tuple(idx) + (k,)]:
+                r += 1
+                out[tuple(idx) + (k,)] = r
+    return out
+
+
 def official_forward(sd, query, features, visibility, ref=None, **cfg):
     """The official semantics, per image: repeat the query for every image, dq×dq Linear,
     add the relpos row, offsets/logits per image, −10000 on invisible images, ignore slots
@@ -54,7 +68,7 @@ def official_forward(sd, query, features, visibility, ref=None, **cfg):
     b, n, _ = query.shape
     m = features.shape[1]
     vis = visibility if visibility.dim() == 3 else visibility[:, None].expand(b, n, m)
-    relpos = relative_image_positions(vis)  # (b, n, m)
+    relpos = loop_relative_positions(vis)  # (b, n, m)
     value = F.linear(features, sd["value_proj.weight"], sd["value_proj.bias"])
     value = rearrange(value, "b m s (h dh) -> b (m s) h dh", h=h)
     q = query[:, None].expand(b, m, n, query.shape[-1])
@@ -177,6 +191,7 @@ def test_relative_positions_hand_made():
     vis = torch.tensor([[[1, 1, 1, 0], [1, 0, 1, 1], [0, 0, 0, 0], [0, 1, 0, 0]]]).bool()
     assert relative_image_positions(vis).tolist() == [
         [[3, 2, 1, 0], [3, 0, 2, 1], [0, 0, 0, 0], [0, 1, 0, 0]]]
+    assert loop_relative_positions(vis).tolist() == relative_image_positions(vis).tolist()
 
 
 def test_relpos_table_is_used_per_image():
