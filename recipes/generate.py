@@ -10,6 +10,14 @@
 turns). Writes ``<out>/results.json`` (per request: the document as text and image files,
 which items are generated), ``<out>/images/*.png`` and ``<out>/index.html``.
 
+``--official`` runs official-format requests with the official semantics (see
+``mmlayers.data.inference_format``: ``generate_images`` regenerates the last listed image,
+text turns may open an image that the next turn draws, input images are center-cropped)
+and the official text decoding (nucleus sampling, top-p 0.9, repetition penalty 1.3,
+8 to 90 new tokens per turn); explicit flags still override the decoding values. A text
+turn that ends with ``</s>`` ends the request (the official loop would drop the ``</s>``
+and go on until ``num_iter``).
+
 Everything is checked (model directory, request file, every image) before any
 generation, and the output is written to a temporary directory that is renamed to
 ``--out`` at the end, so a failed run leaves nothing half-written.
@@ -44,18 +52,31 @@ def parse(argv):
     p.add_argument("--model", required=True, help="directory written by save_pretrained")
     p.add_argument("--input", required=True, help="JSON requests (official format or ours)")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default 32 (official 90)")
+    p.add_argument("--min-new-tokens", type=int, default=None, help="default 0 (official 8)")
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help="default 1 (official 1.3)")
+    p.add_argument("--official", action="store_true",
+                   help="official semantics and decoding for official-format requests")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: config)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: config)")
     p.add_argument("--scheduler", default=None, help="diffusers scheduler class, e.g. DDIMScheduler")
     p.add_argument("--num-beams", type=int, default=1)
     p.add_argument("--sample", action="store_true", help="sample text (default greedy)")
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None, help="default none (official 0.9)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    official = {"max_new_tokens": 90, "min_new_tokens": 8, "repetition_penalty": 1.3,
+                "top_p": 0.9} if args.official else {}
+    plain = {"max_new_tokens": 32, "min_new_tokens": 0, "repetition_penalty": 1.0}
+    for k, v in {**plain, **official}.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.sample = args.sample or args.official
+    return args
 
 
 def load(args):
@@ -63,7 +84,7 @@ def load(args):
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {str(out)!r} exists and is not an empty directory")
-    requests = read_generation_requests(args.input)
+    requests = read_generation_requests(args.input, official=args.official)
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model!r} has no config.json (a directory written by "
                          f"MMInterleaved.save_pretrained is expected)")
@@ -87,9 +108,13 @@ def run_request(model, req, args) -> list[tuple[object, bool]]:
                     guidance_scale=o.get("guidance_scale", args.guidance),
                     scheduler=args.scheduler, generator=gen)
     text_kw = dict(do_sample=args.sample, temperature=args.temperature, top_p=args.top_p,
-                   num_beams=args.num_beams, generator=torch.Generator().manual_seed(seed))
+                   num_beams=args.num_beams, generator=torch.Generator().manual_seed(seed),
+                   repetition_penalty=args.repetition_penalty,
+                   min_new_tokens=args.min_new_tokens)
     max_new = o.get("max_new_tokens", args.max_new_tokens)
     session = InterleavedSession(model)
+    if req.official:
+        return _run_official(session, req, max_new, image_kw, text_kw)
     for item in req.items:
         (session.add_text if isinstance(item, str) else session.add_image)(item)
     start = len(session.items)
@@ -101,6 +126,35 @@ def run_request(model, req, args) -> list[tuple[object, bool]]:
         elif session.generate_text(max_new, allow_image=False, **text_kw).finished:
             break
     return [(item, i >= start) for i, item in enumerate(session.items)]
+
+
+def _run_official(session, req, max_new, image_kw, text_kw) -> list[tuple[object, bool]]:
+    """The official loop: ``turns`` iterations, each a text turn or an image; a text turn
+    that opens an image makes the next iteration draw it; ``generate_images`` first
+    regenerates the last listed image (``req.target_index``)."""
+    add = {str: session.add_text}
+    cut = req.target_index if req.target_index is not None else len(req.items)
+    for item in req.items[:cut]:
+        add.get(type(item), session.add_image)(item)
+    flags = [False] * len(session.items)
+    mode = "image" if req.target_index is not None else "text"
+    for turn in range(req.turns):
+        if mode == "image":
+            session.generate_image(**image_kw)
+            flags.append(True)
+            if turn == 0 and req.target_index is not None:  # the rest of the request
+                for item in req.items[cut + 1:]:
+                    add.get(type(item), session.add_image)(item)
+                flags += [False] * (len(session.items) - len(flags))
+            mode = "text"
+            continue
+        result = session.generate_text(max_new, allow_image=True, **text_kw)
+        flags += [True] * (len(session.items) - len(flags))
+        if result.image_opened:
+            mode = "image"
+        elif result.finished:
+            break
+    return list(zip(session.items, flags, strict=True))
 
 
 def write(out: Path, docs, requests) -> None:

@@ -12,6 +12,14 @@ Image ``i`` goes right before (``image_first[i]``) or after sentence ``sentence_
 Images attached to the same side of one sentence keep their order (the reference code
 prepends them one by one, which reverses their text order against the image order).
 
+With **official semantics** (``"official_semantics": true`` in a record, or
+``official=True`` for every official-format record) a request runs as the reference
+inference loop does: ``generate_images`` regenerates the *last listed image* from what
+precedes it (``target_index`` says which item it replaces; the items after it follow the
+new image), text turns may open an image (the next turn draws it), and every input image
+is center-cropped to a square (the official transform resizes the shorter side and crops
+the centre).
+
 **Our format**, a list (or one object) of::
 
     {"items": ["text", {"image": "path.png"}, "more text"],
@@ -56,6 +64,9 @@ class GenerationRequest:
             ``guidance_scale``, ``seed``).
         image_paths: the file of each image item, in order.
         source: the record as read.
+        official: run with the official semantics (module docstring).
+        target_index: with official semantics and ``generate == "image"``: the index in
+            ``items`` of the image to regenerate (the last one); ``None`` otherwise.
     """
 
     items: list[Any]
@@ -64,6 +75,22 @@ class GenerationRequest:
     options: dict = field(default_factory=dict)
     image_paths: list[str] = field(default_factory=list)
     source: dict = field(default_factory=dict)
+    official: bool = False
+    target_index: int | None = None
+
+
+def center_crop_square(image: torch.Tensor) -> torch.Tensor:
+    """The central ``s × s`` square of a (c, H, W) image, ``s = min(H, W)``.
+
+    Examples:
+        >>> import torch
+        >>> center_crop_square(torch.arange(6.0).view(1, 2, 3)).tolist()
+        [[[0.0, 1.0], [3.0, 4.0]]]
+    """
+    h, w = image.shape[-2:]
+    s = min(h, w)
+    top, left = (h - s) // 2, (w - s) // 2
+    return image[..., top:top + s, left:left + s]
 
 
 def _fail(where: str, msg: str) -> ValueError:
@@ -86,8 +113,11 @@ def _int(value: Any, where: str, name: str, low: int = 1) -> int:
     return value
 
 
-def _official(rec: dict, root: Path, where: str) -> GenerationRequest:
+def _official(rec: dict, root: Path, where: str, official: bool = False) -> GenerationRequest:
     sentences, paths = rec.get("sentences"), rec.get("images", [])
+    official = rec.get("official_semantics", official)
+    if not isinstance(official, bool):
+        raise _fail(where, f"official_semantics must be true or false, got {official!r}")
     ixs, first = rec.get("sentence_ixs", []), rec.get("image_first", [])
     if not isinstance(sentences, list) or not all(isinstance(s, str) for s in sentences):
         raise _fail(where, "'sentences' must be a list of strings")
@@ -112,9 +142,18 @@ def _official(rec: dict, root: Path, where: str) -> GenerationRequest:
         used += before + after
     if not items:
         raise _fail(where, "the document is empty (no sentences and no images)")
+    target = None
+    if official:
+        items = [center_crop_square(x) if isinstance(x, torch.Tensor) else x for x in items]
+        if mode == "generate_images":
+            images = [i for i, x in enumerate(items) if isinstance(x, torch.Tensor)]
+            if not images:
+                raise _fail(where, "generate_images with official semantics regenerates the "
+                                   "last listed image, but the request lists none")
+            target = images[-1]
     return GenerationRequest(items, _OFFICIAL_MODES[mode], _int(rec.get("num_iter", 1), where,
                                                                 "num_iter"),
-                             {}, [loaded[i][1] for i in used], rec)
+                             {}, [loaded[i][1] for i in used], rec, official, target)
 
 
 def _ours(rec: dict, root: Path, where: str) -> GenerationRequest:
@@ -152,14 +191,16 @@ def _ours(rec: dict, root: Path, where: str) -> GenerationRequest:
 
 
 def read_generation_requests(path: str | os.PathLike, *,
-                             image_root: str | os.PathLike | None = None
-                             ) -> list[GenerationRequest]:
+                             image_root: str | os.PathLike | None = None,
+                             official: bool = False) -> list[GenerationRequest]:
     """Parse a JSON file of generation requests in either format (told apart per record:
     ``sentences`` → official, ``items`` → ours) and read every image.
 
     Args:
         path: the JSON file: a list of records, or one record.
         image_root: directory relative image paths start from; default the file's.
+        official: official semantics for every official-format record without an
+            ``official_semantics`` key (module docstring).
 
     Raises:
         ValueError: missing or malformed file, a record in neither format, bad fields,
@@ -199,7 +240,7 @@ def read_generation_requests(path: str | os.PathLike, *,
         if not isinstance(rec, dict):
             raise _fail(where, f"a request must be a JSON object, got {type(rec).__name__}")
         if "sentences" in rec:
-            out.append(_official(rec, root, where))
+            out.append(_official(rec, root, where, official))
         elif "items" in rec:
             out.append(_ours(rec, root, where))
         else:

@@ -86,3 +86,33 @@ def test_unreadable_files(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG not really")
     with pytest.raises(ValueError, match="broken.png"):
         read_generation_requests(dump(tmp_path, {"items": [{"image": "broken.png"}]}))
+
+
+def test_official_semantics_target_and_center_crop(tmp_path):
+    write_images(tmp_path, 2)
+    wide = torch.zeros(3, 4, 8)
+    wide[:, :, 2:6] = 1.0  # the central 4x4 square is white, the sides black
+    to_pil(wide).save(tmp_path / "wide.png")
+    rec = {"sentences": ["one.", "two.", "three."], "images": ["0.png", "wide.png", "1.png"],
+           "sentence_ixs": [0, 1, 1], "image_first": [False, False, True],
+           "generate_mode": "generate_images"}
+    plain, = read_generation_requests(dump(tmp_path, [rec]))
+    assert not plain.official and plain.target_index is None
+    assert plain.items[4].shape == (3, 4, 8)  # no crop without official semantics
+    req, = read_generation_requests(dump(tmp_path, [rec]), official=True)
+    # document: one. [0] [1] two. [wide] three.  -> the last listed image is item 4
+    assert kinds(req.items[:4]) == ["one.", 0, 1, "two."]
+    assert req.official and req.target_index == 4 and req.items[4].shape == (3, 4, 4)
+    assert req.items[4].min().item() == 1.0  # the centre was kept
+    texts = {**rec, "generate_mode": "generate_texts", "official_semantics": True}
+    req, = read_generation_requests(dump(tmp_path, [texts]))  # the record selects it
+    assert req.official and req.target_index is None and req.generate == "text"
+    off = {**rec, "official_semantics": False}
+    assert not read_generation_requests(dump(tmp_path, [off]), official=True)[0].official
+    with pytest.raises(ValueError, match="record 0: official_semantics must be true or false"):
+        read_generation_requests(dump(tmp_path, [{**rec, "official_semantics": "yes"}]))
+    none = {"sentences": ["one."], "images": [], "sentence_ixs": [], "image_first": [],
+            "generate_mode": "generate_images", "official_semantics": True}
+    with pytest.raises(ValueError, match="regenerates the last listed image, but the request "
+                                         "lists none"):
+        read_generation_requests(dump(tmp_path, [none]))

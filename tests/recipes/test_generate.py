@@ -90,3 +90,48 @@ def test_refuses_bad_input_and_writes_nothing(saved, tmp_path):
     assert not (tmp_path / "o").exists()
     assert [p.name for p in (tmp_path / "full").iterdir()] == ["keep.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.json", "full"]
+
+
+def test_official_decoding_defaults_and_overrides():
+    base = ["--model", "m", "--input", "i", "--out", "o"]
+    a = generate.parse(base + ["--official"])
+    assert (a.max_new_tokens, a.min_new_tokens, a.repetition_penalty, a.top_p, a.sample) == \
+        (90, 8, 1.3, 0.9, True)
+    b = generate.parse(base + ["--official", "--max-new-tokens", "5", "--repetition-penalty", "1"])
+    assert (b.max_new_tokens, b.repetition_penalty) == (5, 1.0)
+    c = generate.parse(base)
+    assert (c.max_new_tokens, c.min_new_tokens, c.repetition_penalty, c.top_p, c.sample) == \
+        (32, 0, 1.0, None, False)
+
+
+def test_official_semantics_regenerate_last_image_and_texts_open_images(saved, tmp_path):
+    to_pil(torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(1))).save(
+        saved / "y.png")
+    reqs = [{"sentences": ["a red circle .", "a blue square ."], "images": ["x.png", "y.png"],
+             "sentence_ixs": [0, 1], "image_first": [False, True],
+             "generate_mode": "generate_images", "num_iter": 1},
+            {"sentences": ["a blue"], "images": ["x.png"], "sentence_ixs": [0],
+             "image_first": [True], "generate_mode": "generate_texts", "num_iter": 2}]
+    (saved / "official_sem.json").write_text(json.dumps(reqs))
+    docs = run(saved, "official_sem.json", tmp_path / "o", "--official")
+    # request 0: a red circle . [x] [y regenerated] a blue square .
+    first = docs[0]
+    kinds = [("text" if isinstance(x, str) else "image", g) for x, g in first]
+    assert kinds == [("text", False), ("image", False), ("image", True), ("text", False)]
+    assert first[3][0] == "a blue square ."
+    y = generate.read_generation_requests(saved / "official_sem.json", official=True)[0].items[2]
+    assert not torch.equal(first[2][0], y)  # drawn, not copied
+    # request 1 with a model that always opens an image: turn 1 opens it, turn 2 draws it
+    model = MMInterleaved.from_pretrained(saved / "model")
+    with torch.no_grad():
+        model.image_tokens.head.bias[0] = 1e4  # the <soi> logit
+    model.save_pretrained(tmp_path / "eager")
+    docs = generate.main(["--model", str(tmp_path / "eager"), "--input",
+                          str(saved / "official_sem.json"), "--out", str(tmp_path / "e"),
+                          "--steps", "2", "--official", "--min-new-tokens", "0"])
+    second = docs[1]
+    assert isinstance(second[-1][0], torch.Tensor) and second[-1][1]  # the drawn image
+    plain = generate.main(["--model", str(tmp_path / "eager"), "--input",
+                           str(saved / "official_sem.json"), "--out", str(tmp_path / "p"),
+                           "--steps", "2", "--max-new-tokens", "3"])
+    assert not any(isinstance(x, torch.Tensor) and g for x, g in plain[1])  # never opens one
