@@ -117,6 +117,8 @@ class VisualTokenizer(nn.Module):
             ``resampler.proj`` is the official ``visual_tokenizer.proj``).
         resampler_kwargs: extra keyword arguments of the resampler class (e.g. ``mlp_dim``,
             ``dropout`` of the Q-Former).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         images (b, c, H·p, W·p) in [0, 1] → [`VisualTokenizerOutput`][mmlayers.vision.VisualTokenizerOutput].

@@ -338,3 +338,44 @@ def test_code_blocks_fit_the_page():
     assert not bad, "wrap these lines (88 columns at most; `\\` in shell):\n" + "\n".join(bad)
     assert long_code_lines({"x": "```bash\n" + "a" * 89 + "\n```\n"})
     assert not long_code_lines({"x": "```bash\n" + "a" * 88 + "\n```\n" + "b" * 100})
+
+
+def undocumented_parameters(package) -> list[str]:
+    """Callables whose docstring has an Args section that leaves out a parameter of the
+    signature (a class's ``__init__`` parameters belong to the class docstring)."""
+    bad, seen = [], set()
+
+    def walk(obj):
+        if obj.is_alias or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        fn = obj if obj.is_function else obj.members.get("__init__") if obj.is_class else None
+        if fn is not None and not fn.is_alias and obj.docstring is not None:
+            sections = obj.docstring.parse("google", warn_unknown_params=False,
+                                           warn_missing_types=False)
+            documented = {p.name for s in sections if s.kind.value == "parameters"
+                          for p in s.value}
+            if documented:
+                skip = {"variadic positional", "variadic keyword"}
+                missing = [p.name for p in fn.parameters if p.name not in ("self", "cls")
+                           and p.kind.value not in skip and p.name not in documented]
+                if missing:
+                    bad.append(f"{obj.path}: {missing}")
+        for name, member in obj.members.items():
+            if not name.startswith("_") or name == "__call__":
+                walk(member)
+
+    walk(package)
+    return bad
+
+
+def test_every_parameter_has_a_row():
+    griffe = pytest.importorskip("griffe")
+    package = griffe.load("mmlayers", search_paths=[str(ROOT)], resolve_aliases=False)
+    bad = undocumented_parameters(package)
+    assert not bad, "document these arguments in the Args section:\n" + "\n".join(bad)
+    fake = griffe.load("mmlayers", search_paths=[str(ROOT)], resolve_aliases=False)
+    sync = fake["layers.synchronizer.FeatureSynchronizer"]
+    sync.docstring = griffe.Docstring("Summary.\n\nArgs:\n    dim: width.\n", parent=sync)
+    assert any("FeatureSynchronizer" in b and "points" in b
+               for b in undocumented_parameters(fake))

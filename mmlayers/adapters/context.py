@@ -129,6 +129,8 @@ class ImageContextEncoder(nn.Module):
         resampler: ``"perceiver"`` (default) or ``"qformer"``: the official post-norm
             BLIP-2 Q-Former ([`QFormerResampler`][mmlayers.layers.qformer.QFormerResampler];
             no qk-norm, no dropout, FFN 3072 unless ``resampler_kwargs`` says otherwise).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         ``forward(context (b, s, context_dim), padding_mask (b, s) bool)`` → (b, n, out_dim).
@@ -207,6 +209,10 @@ class ImageContextEncoder(nn.Module):
             drop: (b,) bool: rows to replace by the negative embedding. Default: in
                 training mode each row with probability ``uncond_prob`` (drawn with
                 ``generator``), none in eval mode.
+            context: (b, s, context_dim) LLM hidden states of each image's span, in sequence
+                order (as [`image_contexts`][mmlayers.adapters.context.image_contexts] returns them).
+            padding_mask: (b, s) bool, True = padding; default: no padding.
+            generator: seeds the random choice of ``drop`` in training mode.
         """
         if not isinstance(context, torch.Tensor) or context.dim() != 3 \
                 or context.shape[-1] != self.context_dim:

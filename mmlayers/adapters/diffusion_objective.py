@@ -79,6 +79,9 @@ def diffusion_loss(unet: nn.Module, scheduler, *, encoder_hidden_states: torch.T
             ``time_ids`` of an SDXL-style UNet (``addition_embed_type="text_time"``); see
             [`unet_extra_inputs`][mmlayers.adapters.unet_inputs.unet_extra_inputs].
         class_labels: (b,) labels of a class-conditioned UNet.
+        vae: a diffusers ``AutoencoderKL`` that encodes ``images`` to latents; ``None``: the
+            UNet works in pixel space.
+        generator: seeds the timesteps and the noise drawn here.
 
     Returns:
         (b,) float32 loss per image (average it as you like; the official code averages

@@ -33,6 +33,8 @@ class ImageTokens(nn.Module):
         image_id: token id of ``<image>`` (usually the id after ``soi_id``).
         tokens_per_image: k, ``<image>`` slots per image.
         init_logit: initial logit of both new tokens (head weight 0, bias ``init_logit``).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Examples:
         >>> import torch
@@ -216,6 +218,10 @@ def add_image_tokens(tokenizer, model: nn.Module, *, soi_token: str = "<soi>",
         tokenizer: a ``transformers`` tokenizer (changed in place).
         model: a causal LM with input and output embeddings.
         tokens_per_image: ``<image>`` slots per image (64 in the paper).
+        soi_token: string of the begin-of-image token.
+        image_token: string of the image slot token.
+        init_logit: initial output logit of both tokens (−100: the model's text generation
+            is unchanged until they are trained).
 
     Returns:
         the attached [`ImageTokens`][mmlayers.adapters.image_tokens.ImageTokens] (``.soi_id``, ``.image_id``; ``.remove()``).

@@ -302,6 +302,9 @@ def attach_synchronizers(model: nn.Module, *, every: int = 4, layers: Sequence[i
         eps: RMSNorm epsilon; default the model's ``rms_norm_eps`` / ``layer_norm_epsilon``.
         device: of the adapter; default that of the model's first parameter.
         dtype: of the adapter; default that of the model's first parameter.
+        layers_path: dotted path of the decoder layer list inside ``model``; default: the one
+            [`find_decoder_layers`][mmlayers.adapters.llm_layers.find_decoder_layers] finds.
+        backend: deformable-attention backend of every synchronizer (``None``: ``"auto"``).
 
     Returns:
         a [`SynchronizerHandle`][mmlayers.adapters.llm.SynchronizerHandle]; ``handle.remove()`` detaches.

@@ -78,9 +78,19 @@ class SynchronizerBlock(nn.Module):
 
     Args:
         hidden_size: LLM width (the synchronizer's query and output width).
-        value_dim: image feature width dv. dim: synchronizer width (default ``value_dim``,
-            as in the paper: ``ratio = value_dim / hidden_size``).
-        eps: RMSNorm epsilon. Other arguments go to ``FeatureSynchronizer``.
+        value_dim: image feature width dv.
+        dim: synchronizer width (default ``value_dim``, as in the paper:
+            ``ratio = value_dim / hidden_size``).
+        heads: ``heads`` of the [`FeatureSynchronizer`][mmlayers.layers.synchronizer.FeatureSynchronizer].
+        points: its ``points``.
+        level_sizes: its ``level_sizes``.
+        base_size: its ``base_size``.
+        offset_init: its ``offset_init``.
+        max_images: its ``max_images``.
+        eps: RMSNorm epsilon.
+        backend: its deformable-attention ``backend``.
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Examples:
         >>> import torch

@@ -51,6 +51,8 @@ class SkipSynchronizer(nn.Module):
         pos_table: ``"exact"`` (default): the sincos formula at each map's pixel centres;
             ``"official"``: the stored official table of the ``grid_size`` grid (square),
             bicubically resized to the map ([`resize_pos_table`][mmlayers.layers.posembed.resize_pos_table]).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         ``forward(x (b, c, H, W), values (b, 1, s, d) or None, has_image (b,) bool)`` →

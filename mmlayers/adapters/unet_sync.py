@@ -101,6 +101,8 @@ class UNetSynchronizer(nn.Module):
         no_image: ``"official"`` or ``"zero"`` (module docstring).
         pos_table: query position tables, ``"exact"`` or ``"official"``
             ([`SkipSynchronizer`][mmlayers.adapters.skip_sync.SkipSynchronizer]).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Supported UNets: diffusers ``UNet2DConditionModel`` layouts whose up blocks consume
     exactly the skip tensors of the down path, with a mid block; a UNet built with

@@ -44,6 +44,8 @@ class MultiScaleDeformableAttention(nn.Module):
         out_dim: output width (default ``dim``).
         ratio: the attention width is ``int(dim * ratio)`` (ViT-Adapter uses 0.5).
         backend: op backend (see [`mmlayers.ops.multi_scale_deformable_attention`][mmlayers.ops.deform_attn.multi_scale_deformable_attention]).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         query (b, n, d); reference_points (b, n, l, 2) as (x, y) in [0, 1], or

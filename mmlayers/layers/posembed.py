@@ -63,6 +63,8 @@ def sincos_1d(
             real numbers, shape (n,)).
         dim: width d, even.
         temperature: the base ``T`` of the frequencies.
+        device: device of the table.
+        dtype: dtype of the table.
 
     Returns:
         (n, d) tensor.
@@ -110,6 +112,8 @@ def sincos_2d(
             the table's own (see the module docstring). ``None`` means ``(H, W)``.
         layout: ``"xy"`` (default): column half first, ``[sin x, cos x, sin y, cos y]``;
             ``"yx"``: row half first, ``[sin y, cos y, sin x, cos x]`` (the official order).
+        device: device of the table.
+        dtype: dtype of the table.
 
     Returns:
         (H·W, d) tensor; ``rearrange(e, "(H W) d -> d H W", H=H)`` gives a map.

@@ -131,6 +131,8 @@ class ViTAdapterPyramid(nn.Module):
         norm_layer: normalisation class of the interaction blocks.
         act_layer: activation class of the interaction blocks.
         backend: deformable-attention op backend.
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         pixel_values (b, c, H·p, W·p) already normalised for the ViT →
@@ -301,7 +303,10 @@ class SimpleFeaturePyramid(nn.Module):
         scales: per-level scale factors, each one of 4, 2, 1, 0.5.
         pos_embed: add the fixed 2-D sincos table to every level.
         pos_table: ``"exact"`` or ``"official"`` (as [`ViTAdapterPyramid`][mmlayers.layers.pyramid.ViTAdapterPyramid]).
-        norm_layer: 2-D norm class (channel LayerNorm); act_layer: activation class.
+        norm_layer: 2-D norm class (channel LayerNorm).
+        act_layer: activation class.
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         x (b, d, H, W) → levels [(b, out_dim, H·s, W·s) for s in scales].

@@ -72,6 +72,8 @@ class QFormerResampler(nn.Module):
         attention_dropout: attention-probability dropout (official: as ``dropout``).
         init_std: normal init std of the queries and Linears (0.02).
         attn_implementation: transformers attention backend (``"sdpa"`` or ``"eager"``).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         context (b, s, context_dim); context_padding_mask (b, s) bool, True = padding;

@@ -104,6 +104,8 @@ class PerceiverResampler(nn.Module):
         mlp_ratio: MLP hidden width / dim.
         norm_layer: normalisation class.
         act_layer: activation class of the MLP.
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         context (b, s, context_dim); context_padding_mask (b, s) bool, True = padding;

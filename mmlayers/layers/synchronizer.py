@@ -98,6 +98,8 @@ class FeatureSynchronizer(nn.Module):
         query_chunk: at most this many queries per deformable-attention call (bounds the
             per-call working state); ``None`` (default): one call for all queries, which
             is fastest (each call has a fixed cost proportional to the value maps).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Differences from the official module (all exact, see the module docstring): the
     dq→dq query Linear is named ``query_proj`` (officially ``dynamic_offset_mask``); the

@@ -119,7 +119,10 @@ def previous_image_visibility(input_ids: torch.Tensor, *, soi_id: int, image_id:
     pyramid of that single preceding image; the first image of a segment sees nothing.
 
     Args:
-        input_ids: (b, n) token ids. soi_id, image_id, bos_id: as in [`image_visibility`][mmlayers.layers.visibility.image_visibility].
+        input_ids: (b, n) token ids.
+        soi_id: id of ``<soi>``.
+        image_id: id of ``<image>``.
+        bos_id: id of ``<s>``.
         m: image columns (see [`image_starts`][mmlayers.layers.visibility.image_starts]).
 
     Returns:

@@ -66,6 +66,8 @@ class SpatialPriorModule(nn.Module):
         norm_layer: 2-D norm class (default channel LayerNorm).
         act_layer: activation class.
         norm_eps: epsilon of every ``norm_layer`` (1e-5; the official ViT-Adapter uses 1e-6).
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         image (b, c, H, W) → four maps (b, d, ⌈H/4⌉, ⌈W/4⌉) … (b, d, ⌈H/32⌉, ⌈W/32⌉).
@@ -207,6 +209,8 @@ class InteractionBlock(nn.Module):
         norm_layer: normalisation class.
         act_layer: activation class of the feed-forward network.
         backend: deformable-attention op backend.
+        device: device of the parameters (``None``: the default device).
+        dtype: dtype of the parameters (``None``: the default dtype).
 
     Shapes:
         x (b, n, d) patch tokens, c (b, s, d) pyramid tokens, prefix (b, k, d),

@@ -166,6 +166,7 @@ class GenerationMixin:
             num_inference_steps: denoising steps; default the config's.
             guidance_scale: classifier-free guidance scale; default the config's.
             generator: seeds the initial noise.
+            tokenizer: tokenizer for the prompts' text; default the model's.
 
         The UNet synchronizers read the pyramid of each prompt's last image (none if the
         prompt has no image).

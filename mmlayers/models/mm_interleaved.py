@@ -111,7 +111,8 @@ class MMInterleaved(GenerationMixin, nn.Module):
 
     Args:
         config: the [`MMInterleavedConfig`][mmlayers.models.config.MMInterleavedConfig] the parts follow.
-        llm: a Hugging Face causal LM. visual: a [`VisualTokenizer`][mmlayers.vision.VisualTokenizer].
+        llm: a Hugging Face causal LM.
+        visual: a [`VisualTokenizer`][mmlayers.vision.VisualTokenizer].
         unet: a diffusers ``UNet2DConditionModel`` (from
             [`build_decoder`][mmlayers.models.builders.build_decoder], as are the next five).
         scheduler: the training noise scheduler.
@@ -345,6 +346,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
             full: write every weight. Default: leave out the frozen parts that were loaded
                 from a local directory (LLM, ViT, VAE, frozen UNet); [`from_pretrained`][mmlayers.models.mm_interleaved.MMInterleaved.from_pretrained]
                 loads them from there again.
+            directory: where to write (created if missing).
         """
         from safetensors.torch import save_file
 
