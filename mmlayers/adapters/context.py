@@ -54,7 +54,8 @@ class ImageContexts:
 
 
 def image_contexts(hidden_states: torch.Tensor, input_ids: torch.Tensor, *, soi_id: int,
-                   bos_id: int, max_length: int | None = None) -> ImageContexts:
+                   bos_id: int, max_length: int | None = None,
+                   rule: str = "content") -> ImageContexts:
     """Gather the context span of every ``<soi>`` of a packed batch.
 
     The span of the ``<soi>`` at position t is positions ``latest <s> at or before t … t``
@@ -66,6 +67,11 @@ def image_contexts(hidden_states: torch.Tensor, input_ids: torch.Tensor, *, soi_
         soi_id: id of ``<soi>``.
         bos_id: id of ``<s>``.
         max_length: keep at most this many tokens per span (the ones nearest ``<soi>``).
+        rule: which images get a diffusion loss (``has_context``): ``"content"`` (default):
+            those whose span holds a token other than ``<s>`` and ``<soi>``; ``"official"``:
+            those whose whole span is longer than 2 tokens, as the official code. They
+            differ only for a row that starts inside a document with ``x <soi>`` (no
+            ``<s>``): a context the content rule keeps and the official rule drops.
 
     Returns:
         [`ImageContexts`][mmlayers.adapters.context.ImageContexts] with k = number of ``<soi>`` tokens.
@@ -91,6 +97,8 @@ def image_contexts(hidden_states: torch.Tensor, input_ids: torch.Tensor, *, soi_
     if hidden_states.dim() != 3 or hidden_states.shape[:2] != input_ids.shape:
         raise ValueError(f"hidden_states must have shape (b, n, d) with (b, n) = "
                          f"{tuple(input_ids.shape)}, got {tuple(hidden_states.shape)}")
+    if rule not in ("content", "official"):
+        raise ValueError(f"rule must be 'content' or 'official', got {rule!r}")
     if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
         raise ValueError(f"max_length must be a positive int or None, got {max_length!r}")
     b, n, d = hidden_states.shape
@@ -109,7 +117,8 @@ def image_contexts(hidden_states: torch.Tensor, input_ids: torch.Tensor, *, soi_
     gathered = gathered.masked_fill(pad[..., None], 0)
     ids = input_ids[rows[:, None], idx.clamp(max=n - 1)]
     special = (ids == bos_id) | (ids == soi_id) | pad
-    return ImageContexts(gathered, pad, lengths, rows, soi, ~special.all(1))
+    has = ~special.all(1) if rule == "content" else soi - bos[rows, soi] + 1 > 2
+    return ImageContexts(gathered, pad, lengths, rows, soi, has)
 
 
 class ImageContextEncoder(nn.Module):

@@ -206,11 +206,16 @@ class LossConfig:
         image_reduction: ``"all"`` averages the per-image MSE over every image of the batch,
             context-less ones counting as 0 (the official code); ``"context"`` over the
             images that have a context.
+        image_context_rule: which images get a diffusion loss: ``"content"`` (default: a
+            context with a token other than ``<s>`` / ``<soi>``) or ``"official"`` (a context
+            longer than 2 tokens); see
+            [`image_contexts`][mmlayers.adapters.context.image_contexts].
     """
 
     text_weight: float = 1.0
     image_weight: float = 10.0
     image_reduction: str = "all"
+    image_context_rule: str = "content"
 
 
 _PARTS = {"tokens": TokenConfig, "llm": LLMConfig, "vision": VisionConfig,

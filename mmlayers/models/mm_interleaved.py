@@ -301,7 +301,8 @@ class MMInterleaved(GenerationMixin, nn.Module):
         image_loss = image_losses.sum()
         if m:
             ctx = image_contexts(hidden, ids, soi_id=tok.soi_id, bos_id=tok.bos_id,
-                                 max_length=cfg.decoder.max_context)
+                                 max_length=cfg.decoder.max_context,
+                                 rule=cfg.loss.image_context_rule)
             if ctx.rows.numel() != m:
                 raise ValueError(f"the batch has {m} images but {ctx.rows.numel()} <soi> tokens; "
                                  f"every <soi> must open an image in training batches")

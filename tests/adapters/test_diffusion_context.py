@@ -133,3 +133,25 @@ def test_qformer_context_encoder_official_settings():
         torch.testing.assert_close(out[i], r(x[None])[0], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="resampler must be 'perceiver' or 'qformer', got 'x'"):
         small_encoder(resampler="x")
+
+
+def test_image_context_rule_official_drops_continuation_rows():
+    """Which images get a diffusion loss, by hand: the official rule keeps contexts longer
+    than 2 tokens; ours keeps contexts with a token other than <s> / <soi>."""
+    S, SOI, IMG, x, y, P = 1, 5, 6, 9, 8, 0
+    ids = torch.tensor([[x, SOI, IMG, P],      # continuation row: "x <soi>"
+                        [S, SOI, IMG, P],      # "<s> <soi>"
+                        [S, x, SOI, IMG],      # "<s> x <soi>"
+                        [x, y, SOI, IMG],      # continuation, two tokens
+                        [SOI, IMG, x, P]])     # the row starts at <soi>
+    h = torch.zeros(5, 4, 2)
+    content = image_contexts(h, ids, soi_id=SOI, bos_id=S).has_context.tolist()
+    official = image_contexts(h, ids, soi_id=SOI, bos_id=S, rule="official").has_context.tolist()
+    assert content == [True, False, True, True, False]
+    assert official == [False, False, True, True, False]
+    # max_length shortens the span, not the official decision
+    short = image_contexts(h, ids, soi_id=SOI, bos_id=S, rule="official", max_length=1)
+    assert short.has_context.tolist() == official and short.lengths.tolist() == [1] * 5
+    with pytest.raises(ValueError, match="rule must be 'content' or 'official', got 'x'"):
+        image_contexts(h, ids, soi_id=SOI, bos_id=S, rule="x")
+

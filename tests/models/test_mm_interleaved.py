@@ -397,3 +397,25 @@ def test_official_module_options_build_and_run(tok, batch):
     out = m(batch, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss)
     assert MMInterleavedConfig.from_dict(cfg.to_dict()).decoder.sync_pos_table == "official"
+
+
+def test_image_context_rule_reaches_the_loss(model, batch, monkeypatch):
+    """LossConfig.image_context_rule selects the rule image_contexts applies in forward."""
+    import mmlayers.models.mm_interleaved as mmi
+
+    real, seen = mmi.image_contexts, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("rule"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mmi, "image_contexts", spy)
+    old = model.config.loss
+    try:
+        for rule in ("official", "content"):
+            model.config.loss = dataclasses.replace(old, image_context_rule=rule)
+            with torch.no_grad():
+                model(batch, generator=torch.Generator().manual_seed(0))
+    finally:
+        model.config.loss = old
+    assert seen == ["official", "content"]
