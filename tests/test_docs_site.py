@@ -379,3 +379,25 @@ def test_every_parameter_has_a_row():
     sync.docstring = griffe.Docstring("Summary.\n\nArgs:\n    dim: width.\n", parent=sync)
     assert any("FeatureSynchronizer" in b and "points" in b
                for b in undocumented_parameters(fake))
+
+
+def unlinked_images(pages: dict[str, str]) -> list[str]:
+    """Images (plots, screenshots) that do not link to their own file (no full size)."""
+    bad = []
+    for page, html in pages.items():
+        for node in parse(html).root.iter():
+            if node.tag == "img":
+                parent = node.parent
+                src = node.attrs.get("src")
+                if parent is None or parent.tag != "a" or parent.attrs.get("href") != src:
+                    bad.append(f"{page}: {src}")
+    return bad
+
+
+def test_images_open_full_size(site):
+    pages = {k: v for k, v in site.items() if "<img" in v}
+    assert any(k.startswith("benchmarks") for k in pages)
+    bad = unlinked_images(pages)
+    assert not bad, "wrap as [![alt](path)](path):\n" + "\n".join(bad)
+    assert unlinked_images({"p": '<article><p><img src="a.svg"></p></article>'})
+    assert not unlinked_images({"p": '<article><a href="a.svg"><img src="a.svg"></a></article>'})
