@@ -64,7 +64,8 @@ UNET_ROWS = [  # (layout, what works, test function that checks it, test file)
      "tests/adapters/test_diffusion_sync.py"),
     ("`addition_embed_type=\"text\"`", "nothing extra to pass",
      "test_text_addition_embedding_needs_nothing_extra", "tests/adapters/test_unet_inputs.py"),
-    ("`addition_embed_type=\"text_time\"` (SDXL)", "pass `added_cond_kwargs`",
+    ("`addition_embed_type=\"text_time\"` (SDXL)", "pass `added_cond_kwargs` to "
+     "`diffusion_loss` / `ImageGenerator`; refused as `MMInterleaved`'s decoder",
      "test_sdxl_sampling_equals_guided_ddim_oracle", "tests/adapters/test_unet_inputs.py"),
     ("`num_class_embeds` / `class_embed_type`", "pass `class_labels`",
      "test_class_labels_pass_through_loss_and_sampling", "tests/adapters/test_unet_inputs.py"),

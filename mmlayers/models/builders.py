@@ -121,6 +121,7 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
             zero_cross_attention(unet)
         if cfg.vae is not None:
             vae = AutoencoderKL(**cfg.vae)
+    _check_decoder_unet(unet)
     if vae is not None:
         vae.requires_grad_(False).eval()
     width = unet.config.cross_attention_dim
@@ -146,6 +147,21 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
     return {"unet": unet, "vae": vae, "scheduler": build_scheduler(cfg),
             "inference_scheduler": build_scheduler(cfg, inference=True),
             "context_encoder": encoder, "unet_sync": sync}
+
+
+def _check_decoder_unet(unet: nn.Module) -> None:
+    """Refuse a UNet that reads inputs the decoder cannot give (it gives only the context
+    tokens): SDXL's ``text_embeds`` / ``time_ids``, image embeddings, class labels."""
+    from mmlayers.adapters.unet_inputs import unet_extra_inputs
+
+    try:
+        unet_extra_inputs(unet, 1)
+    except ValueError as err:
+        raise ValueError(
+            f"MMInterleaved's image decoder conditions the UNet only on the context tokens, "
+            f"but {err}. Use a UNet with addition_embed_type None or 'text' and no class "
+            f"embedding, or drive this UNet with diffusion_loss / ImageGenerator directly "
+            f"and pass those inputs") from None
 
 
 @torch.no_grad()

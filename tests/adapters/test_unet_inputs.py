@@ -206,3 +206,30 @@ def test_unet_without_mid_block_is_refused_with_its_reason():
     with pytest.raises(TypeError, match=r"no mid block \(mid_block_type=None\); "
                                         r"UNetSynchronizer needs one"):
         UNetSynchronizer.for_unet(unet, value_dim=6)
+
+
+def test_model_decoder_refuses_a_unet_it_cannot_condition():
+    """MMInterleaved's decoder gives only context tokens: an SDXL-style or class-conditioned
+    UNet is refused when the decoder is built; the "text" addition embedding is accepted."""
+    from mmlayers.models import builders
+    from mmlayers.models.config import DecoderConfig
+
+    unet = dict(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=[8, 16], norm_num_groups=4, cross_attention_dim=8,
+                attention_head_dim=4, down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"])
+    kw = dict(image_size=8, context_queries=4, context_hidden=8, context_heads=2, sync_dim=8,
+              sync_heads=2, sync_points=1)
+
+    def build(**extra):
+        return builders.build_decoder(DecoderConfig(unet={**unet, **extra}, **kw),
+                                      context_dim=8, value_dim=8, level_sizes=(4,))
+
+    with pytest.raises(ValueError, match=r"conditions the UNet only on the context tokens, "
+                                         r"but this UNet has addition_embed_type='text_time'"):
+        build(addition_embed_type="text_time", addition_time_embed_dim=TIME,
+              projection_class_embeddings_input_dim=TEXT + IDS * TIME)
+    with pytest.raises(ValueError, match="class-conditioned"):
+        build(num_class_embeds=3)
+    parts = build(addition_embed_type="text", addition_embed_type_num_heads=2)
+    assert parts["unet"].config.addition_embed_type == "text"
