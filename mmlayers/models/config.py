@@ -2,12 +2,15 @@
 
 Every part is either loaded from a local directory (``path``; nothing is downloaded) or
 built with random weights from a config dictionary (``config``: keyword arguments of a
-``transformers`` / ``diffusers`` config). Two presets:
+``transformers`` / ``diffusers`` config). Three presets:
 
 - [`MMInterleavedConfig.tiny`][mmlayers.models.config.MMInterleavedConfig.tiny]: the CPU demo (4-layer Llama, 2-layer CLIP ViT at
   32 px, pixel-space 32-px UNet; everything random-init and trained);
 - [`MMInterleavedConfig.paper_13b`][mmlayers.models.config.MMInterleavedConfig.paper_13b]: the paper's system (Vicuna-13B, CLIP ViT-L/14,
-  SD-2.1-base) from local directories, with the paper's adapter sizes and freezing.
+  SD-2.1-base) from local directories, with the paper's adapter sizes and freezing;
+- [`MMInterleavedConfig.official_13b`][mmlayers.models.config.MMInterleavedConfig.official_13b]:
+  the same system with the official modules where mmlayers' own choices differ (for the
+  released weights).
 """
 
 from __future__ import annotations
@@ -411,3 +414,37 @@ class MMInterleavedConfig:
                                   context_depth=1, context_heads=16, uncond_prob=0.1,
                                   sync_dim=1024, sync_heads=16, sync_points=8,
                                   sync_offset_init=1.0, sync_max_images=10))
+
+    @classmethod
+    def official_13b(cls, llm_path: str, vit_path: str, sd_path: str, *,
+                     tokens: TokenConfig | None = None) -> MMInterleavedConfig:
+        """The official MM-Interleaved configuration: ``paper_13b`` with the official
+        modules wherever mmlayers' defaults differ.
+
+        - resamplers: post-norm BLIP-2 Q-Formers (``"qformer"``; ours: pre-norm perceivers);
+        - 2-D position tables: the stored ``[y|x]`` float32 tables, resized bicubically
+          (ours: the exact formula, ``[x|y]``);
+        - ViT-Adapter spatial-prior LayerNorm eps 1e-6 (ours 1e-5);
+        - LLM synchronizer value width: the ViT's (the builder's default);
+        - diffusion loss only for contexts longer than 2 tokens (``image_context_rule``).
+
+        [`MMInterleaved.from_official`][mmlayers.models.mm_interleaved.MMInterleaved.from_official]
+        uses it (with sizes read from the checkpoint) to load the released weights.
+
+        Args:
+            llm_path: local LLM directory (Vicuna-13B).
+            vit_path: local CLIP ViT-L/14 directory.
+            sd_path: local Stable Diffusion 2.1-base directory.
+            tokens: token ids; default ``<soi>`` 32000, ``<image>`` 32001.
+
+        Returns:
+            the config.
+
+        Examples:
+            >>> cfg = MMInterleavedConfig.official_13b("llm", "vit", "sd")
+            >>> cfg.vision.resampler, cfg.decoder.sync_pos_table, cfg.loss.image_context_rule
+            ('qformer', 'official', 'official')
+        """
+        from mmlayers.models.official import official_config
+
+        return official_config(llm_path, vit_path, sd_path, tokens=tokens)

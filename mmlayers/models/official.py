@@ -260,8 +260,8 @@ def official_config(llm: str, vit: str, sd: str, *, tokens=None,
     official modules, for the released checkpoint (or one of the same layout).
 
     Starts from [`MMInterleavedConfig.paper_13b`][mmlayers.models.config.MMInterleavedConfig.paper_13b]
-    and switches on the official Q-Former resamplers, the stored ``[y|x]`` position tables
-    and the spatial-prior eps 1e-6. The LLM synchronizers' value width is the ViT's (left to
+    and switches on the official Q-Former resamplers, the stored ``[y|x]`` position tables,
+    the spatial-prior eps 1e-6 and the official image-context loss rule. The LLM synchronizers' value width is the ViT's (left to
     the builder, as officially). With ``state_dict`` (official keys), the sizes the official
     code fixes in its YAML are read from the tensors instead (resampler widths, depths and
     query counts, synchronizer layers, widths, points and image-table rows, the adapter's
@@ -291,6 +291,7 @@ def official_config(llm: str, vit: str, sd: str, *, tokens=None,
     v.resampler, v.pos_table = "qformer", "official"
     v.pyramid_kwargs = {**v.pyramid_kwargs, "spm_eps": 1e-6}
     dc.context_resampler, dc.sync_pos_table = "qformer", "official"
+    cfg.loss.image_context_rule = "official"
     if state_dict is None:
         return cfg
     sd_ = state_dict

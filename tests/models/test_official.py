@@ -301,3 +301,22 @@ def test_convert_official_recipe_round_trip(setup, tmp_path):
     with pytest.raises(SystemExit, match="exists and is not empty"):
         recipe.main(["--checkpoint", "x", "--llm", dirs["llm"], "--vit", dirs["vit"],
                      "--sd", dirs["sd"], "--out", out])
+
+
+def test_official_preset_differs_from_paper_preset_only_where_documented():
+    from mmlayers.models import MMInterleavedConfig
+
+    paper = MMInterleavedConfig.paper_13b("l", "v", "s").to_dict()
+    official = MMInterleavedConfig.official_13b("l", "v", "s").to_dict()
+    diff = {f"{part}.{k}": (paper[part][k], official[part][k]) for part in paper
+            if isinstance(paper[part], dict) for k in paper[part]
+            if paper[part][k] != official[part][k]}
+    assert diff == {
+        "llm.sync_dim": (1024, None),                       # the ViT width
+        "vision.resampler": ("perceiver", "qformer"),
+        "vision.pos_table": ("exact", "official"),
+        "vision.pyramid_kwargs": ({}, {"spm_eps": 1e-6}),
+        "decoder.context_resampler": ("perceiver", "qformer"),
+        "decoder.sync_pos_table": ("exact", "official"),
+        "loss.image_context_rule": ("content", "official"),
+    }
