@@ -113,6 +113,9 @@ class MMC4Reader:
         image_first_prob: probability that an image precedes its sentence.
         image_size: images are resized to (3, image_size, image_size); None keeps sizes.
         transform: optional ``path → (c, H, W) tensor`` replacing the default loading.
+            An ``OSError`` it raises (an unreadable file) counts the image as
+            ``unreadable_image`` and skips it; any other exception is a bug in the
+            transform and propagates, with a note naming the image.
         seed: base seed (a [`ShardedSource`][mmlayers.data.streaming.ShardedSource] passes its own per epoch).
 
     Call it as ``reader(path, start=0, select=None, seed=None, stats=None)``: yields
@@ -261,9 +264,20 @@ class MMC4Reader:
         if not os.path.isfile(path):
             stats["missing_image"] += 1
             return None
+        if self.transform is None:
+            try:
+                return load_image(path, self.image_size)
+            except Exception as e:  # noqa: BLE001 - any decoding failure is counted, not fatal
+                stats["unreadable_image"] += 1
+                logger.debug("unreadable image %s: %s", path, e)
+                return None
         try:
-            return self.transform(path) if self.transform else load_image(path, self.image_size)
-        except Exception as e:  # noqa: BLE001 - any decoding failure is counted, not fatal
+            return self.transform(path)
+        except OSError as e:  # the file cannot be read or decoded (PIL's errors included)
             stats["unreadable_image"] += 1
             logger.debug("unreadable image %s: %s", path, e)
             return None
+        except Exception as e:
+            e.add_note(f"raised by MMC4Reader's transform on {path}; only an OSError (an "
+                       f"unreadable file) is counted and skipped, other errors surface")
+            raise

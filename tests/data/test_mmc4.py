@@ -172,3 +172,30 @@ def test_gzip_and_zip_shards_read_like_plain_ones(tmp_path):
         z.writestr("b.jsonl", lines[1])
     stats = ReadStats()
     assert list(reader(bad, stats=stats)) == [] and stats == {"unreadable_shard": 1}
+
+
+def test_a_failing_transform_surfaces_unless_the_file_is_unreadable(tmp_path):
+    """The user's transform: an OSError (the file cannot be read) is a counted skip; any
+    other exception is a bug in the transform and reaches the caller."""
+    _images(tmp_path)
+    shard = _write(tmp_path / "docs_0.jsonl", [_line(["One.", "Two."], [("r.png", 0, 0.9),
+                                                                        ("g.png", 1, 0.9)])])
+
+    def buggy(path):
+        raise KeyError("no such field")
+
+    stats = ReadStats()
+    with pytest.raises(KeyError, match="no such field") as info:
+        MMC4Reader(tmp_path, transform=buggy).read(shard, stats=stats)
+    assert "transform on" in info.value.__notes__[0] and "r.png" in info.value.__notes__[0]
+    assert stats["unreadable_image"] == 0
+
+    def unreadable(path):
+        if path.endswith("r.png"):
+            raise OSError("cannot identify image file")
+        return Image.open(path)
+
+    stats = ReadStats()
+    docs = MMC4Reader(tmp_path, transform=unreadable, single_image_keep=1.0).read(
+        shard, stats=stats)
+    assert stats["unreadable_image"] == 1 and stats["images"] == 1 and len(docs) == 1
