@@ -24,7 +24,12 @@ from einops import rearrange
 from torch import nn
 
 from mmlayers.layers.hf_vit import as_vit_backbone
-from mmlayers.layers.posembed import official_sincos_2d, sincos_2d
+from mmlayers.layers.posembed import (
+    accept_stored_table,
+    official_sincos_2d,
+    resize_pos_table,
+    sincos_2d,
+)
 from mmlayers.layers.pyramid import SimpleFeaturePyramid, ViTAdapterPyramid
 from mmlayers.layers.qformer import QFormerResampler
 from mmlayers.layers.resampler import PerceiverResampler
@@ -185,9 +190,11 @@ class VisualTokenizer(nn.Module):
             if grid[0] != grid[1]:
                 raise ValueError(f"pos_table='official' needs a square ViT grid, got {grid}")
             self.register_buffer("pos_embed", official_sincos_2d(grid[0], d).to(device))
+            accept_stored_table(self, "pos_embed")  # e.g. the official fixed 16 × 16 table
         else:
             self.register_buffer("pos_embed", sincos_2d(grid[0], grid[1], d, device=device),
                                  persistent=False)
+        self.pos_table = pos_table
         self.resampler = (QFormerResampler if resampler == "qformer" else PerceiverResampler)(
             dim=resampler_dim, num_queries=num_tokens, depth=resampler_depth,
             cross_every=cross_every, context_dim=d, num_heads=resampler_heads, out_dim=llm_dim,
@@ -254,7 +261,10 @@ class VisualTokenizer(nn.Module):
     def resampler_context(self, hidden: torch.Tensor) -> torch.Tensor:
         """ViT last hidden state (b, t, d) → resampler input (b, t, d):
         ``post_norm(pos_norm(pos_proj(hidden)) + sincos_2d)``, prefix rows get no position."""
-        pos = self.pos_embed.to(hidden.dtype)
+        pos = self.pos_embed
+        if self.pos_table == "official":  # a stored table of another grid is resized
+            pos = resize_pos_table(pos, self.vit.grid_size)
+        pos = pos.to(hidden.dtype)
         pos = torch.cat([pos.new_zeros(hidden.shape[1] - pos.shape[0], pos.shape[1]), pos])
         return self.post_norm(self.pos_norm(self.pos_proj(hidden)) + pos)
 

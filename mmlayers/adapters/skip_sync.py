@@ -25,7 +25,12 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_2d
+from mmlayers.layers.posembed import (
+    accept_stored_table,
+    official_sincos_2d,
+    resize_pos_table,
+    sincos_2d,
+)
 from mmlayers.layers.synchronizer import FeatureSynchronizer
 
 __all__ = ["SkipSynchronizer"]
@@ -96,6 +101,7 @@ class SkipSynchronizer(nn.Module):
         if pos_table == "official":
             self.register_buffer("pos_embed", official_sincos_2d(int(grid_size[0]), channels)
                                  .to(device))
+            accept_stored_table(self, "pos_embed")  # a stored table of another grid loads too
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.reset_parameters()
 

@@ -36,7 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["official_sincos_2d", "resize_pos_table", "sincos_1d", "sincos_2d"]
+__all__ = ["accept_stored_table", "official_sincos_2d", "resize_pos_table", "sincos_1d",
+           "sincos_2d"]
 
 
 def _frequencies(num: int, temperature: float) -> torch.Tensor:
@@ -205,6 +206,37 @@ def official_sincos_2d(grid: int, dim: int, *, prefix_rows: int = 0) -> torch.Te
             parts += [ang.sin(), ang.cos()]
         table = torch.cat(parts, dim=1)
     return torch.cat([table.new_zeros(prefix_rows, dim), table]).contiguous()
+
+
+def accept_stored_table(module: torch.nn.Module, name: str) -> None:
+    """Let ``module.load_state_dict`` load a stored table buffer of another grid size.
+
+    Registers a load-state-dict pre-hook: when the incoming ``name`` tensor is 2-D with the
+    buffer's width but another number of rows (an official table of another grid, e.g. the
+    visual tokenizer's fixed 16 × 16), the buffer takes the incoming shape before the
+    copy; the layer resizes it to each map when used
+    ([`resize_pos_table`][mmlayers.layers.posembed.resize_pos_table]).
+
+    Args:
+        module: the module that owns the buffer.
+        name: the buffer's attribute name.
+
+    Examples:
+        >>> import torch
+        >>> m = torch.nn.Module()
+        >>> m.register_buffer("table", torch.zeros(4, 8))
+        >>> accept_stored_table(m, "table")
+        >>> _ = m.load_state_dict({"table": torch.ones(16, 8)})
+        >>> tuple(m.table.shape)
+        (16, 8)
+    """
+    def hook(mod, state_dict, prefix, *args) -> None:
+        new, cur = state_dict.get(prefix + name), getattr(mod, name, None)
+        if isinstance(new, torch.Tensor) and isinstance(cur, torch.Tensor) and new.dim() == 2 \
+                and cur.dim() == 2 and new.shape[1] == cur.shape[1] and new.shape != cur.shape:
+            setattr(mod, name, cur.new_empty(new.shape))
+
+    module.register_load_state_dict_pre_hook(hook)
 
 
 def resize_pos_table(table: torch.Tensor, size: tuple[int, int] | int, *,

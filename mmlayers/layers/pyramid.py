@@ -31,7 +31,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mmlayers.layers.hf_vit import ViTBackbone, as_vit_backbone
-from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_2d
+from mmlayers.layers.posembed import (
+    accept_stored_table,
+    official_sincos_2d,
+    resize_pos_table,
+    sincos_2d,
+)
 from mmlayers.layers.vit_adapter import (
     InteractionBlock,
     LayerNorm2d,
@@ -68,6 +73,7 @@ def _level_pos_embeds(module: nn.Module, sizes, dim: int, grid: tuple[int, int],
         if grid[0] != grid[1]:
             raise ValueError(f"pos_table='official' needs a square ViT grid, got {grid}")
         module.register_buffer("pos_table", official_sincos_2d(grid[0], dim).to(device))
+        accept_stored_table(module, "pos_table")  # a stored table of another grid loads too
         return
     if pos_table != "exact":
         raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")

@@ -348,13 +348,23 @@ def official_config(llm: str, vit: str, sd: str, *, tokens=None,
 KEEP_FROM_COMPONENTS = (r"visual\.vit\.model\.post_layernorm\..*",)
 
 
+def _other_grid_table(key: str, new: torch.Tensor, own: torch.Tensor) -> bool:
+    """A stored position table of another square grid (the layers resize it when used)."""
+    if not key.endswith(("pos_embed", "pos_table")) or new.dim() != 2 or own.dim() != 2:
+        return False
+    side = round(new.shape[0] ** 0.5)
+    return new.shape[1] == own.shape[1] and side * side == new.shape[0]
+
+
 def load_converted_state_dict(model: torch.nn.Module, converted: Mapping[str, torch.Tensor]
                               ) -> None:
     """Copy converted official weights into ``model`` after checking every key.
 
     Every key of ``model.state_dict()`` must be in ``converted`` (except those matching
     ``KEEP_FROM_COMPONENTS``, which keep their values), every converted key must exist in
-    the model and every shape must agree.
+    the model and every shape must agree, except that a stored position table may be of
+    another square grid (the official visual tokenizer's is 16 × 16 whatever the ViT; the
+    layers resize it).
 
     Raises:
         ValueError: naming the unexpected, missing or mis-shaped keys.
@@ -378,7 +388,8 @@ def load_converted_state_dict(model: torch.nn.Module, converted: Mapping[str, to
                      if not any(p.fullmatch(k) for p in keep))
     shapes = [f"{k}: checkpoint {tuple(converted[k].shape)}, model {tuple(own[k].shape)}"
               for k in sorted(set(converted) & set(own))
-              if tuple(converted[k].shape) != tuple(own[k].shape)]
+              if tuple(converted[k].shape) != tuple(own[k].shape)
+              and not _other_grid_table(k, converted[k], own[k])]
     problems = []
     if unexpected:
         problems.append(f"{len(unexpected)} converted key(s) the model does not have: "

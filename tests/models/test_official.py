@@ -320,3 +320,34 @@ def test_official_preset_differs_from_paper_preset_only_where_documented():
         "decoder.sync_pos_table": ("exact", "official"),
         "loss.image_context_rule": ("content", "official"),
     }
+
+
+def test_stored_tables_of_another_grid_load_and_are_resized(setup):
+    """The official visual tokenizer keeps a 16 x 16 table whatever the ViT's grid (here
+    4 x 4); the UNet blocks' tables may also be of another grid: they load and are resized
+    (bicubic, float32) where used."""
+    import torch.nn.functional as F
+
+    from mmlayers.layers.posembed import official_sincos_2d
+
+    tok, dirs, model, off = setup
+    big = official_sincos_2d(16, 32, prefix_rows=1)
+    unet_key = "image_decoder.decoder.mmfs_module.mmfs_mid_block.pos_embed"
+    unet_big = torch.randn(12 * 12, off[unet_key].shape[1])
+    m = MMInterleaved.from_official({**off, "visual_tokenizer.pos_embed": big, unet_key: unet_big},
+                                    **dirs, tokens=TokenConfig(), image_size=16).eval()
+    assert m.visual.pos_embed.shape == (256, 32) and m.visual.pyramid.pos_table.shape == (256, 32)
+    assert torch.equal(m.unet_sync.mid.pos_embed, unet_big)
+    hidden = torch.zeros(1, 17, 32)
+    grid = big[1:].reshape(1, 16, 16, 32).permute(0, 3, 1, 2)
+    small = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False)
+    want_pos = torch.cat([torch.zeros(1, 32), small.permute(0, 2, 3, 1).reshape(16, 32)])
+    with torch.no_grad():
+        base = m.visual.pos_norm(m.visual.pos_proj(hidden))
+        want = m.visual.post_norm(base + want_pos)
+        torch.testing.assert_close(m.visual.resampler_context(hidden), want, rtol=0, atol=1e-6)
+        b = batch(tok)
+        assert torch.isfinite(m(b, generator=torch.Generator().manual_seed(0)).loss)
+    with pytest.raises(ValueError, match="shape mismatch"):  # not square: refused
+        MMInterleaved.from_official({**off, "visual_tokenizer.pos_embed": big[:200]}, **dirs,
+                                    tokens=TokenConfig(), image_size=16)
