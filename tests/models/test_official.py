@@ -351,3 +351,20 @@ def test_stored_tables_of_another_grid_load_and_are_resized(setup):
     with pytest.raises(ValueError, match="shape mismatch"):  # not square: refused
         MMInterleaved.from_official({**off, "visual_tokenizer.pos_embed": big[:200]}, **dirs,
                                     tokens=TokenConfig(), image_size=16)
+
+
+def test_llm_synchronizer_conversion_agrees_with_load_official_state_dict(setup):
+    """Two routes for one official MMFS module: the model-level converter and the layer's
+    own loader give the same weights."""
+    import copy
+
+    _, _, model, off = setup
+    prefix = "mm_decoder.layers.2.llama_cross_attn.attn."
+    sync = copy.deepcopy(model.llm_sync.blocks["2"].sync)
+    with torch.no_grad():
+        for p in sync.parameters():
+            p.zero_()
+    sync.load_official_state_dict(off, prefix=prefix)
+    conv = convert_official_state_dict(off)
+    for k, t in sync.state_dict().items():
+        assert torch.equal(t, conv["llm_sync.blocks.2.sync." + k]), k
