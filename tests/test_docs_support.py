@@ -49,6 +49,12 @@ def vision_table() -> str:
     for name in sorted(set(pyr.FAMILIES) - set(hf.SUPPORTED)):
         rows.append(f"| {name} | supported: the model's own `last_hidden_state` | "
                     f"`tests/layers/test_pyramid.py` |")
+    for name in sorted(hf.CHECKED):
+        rows.append(f"| {name} | accepted after the probe-image check at construction; "
+                    f"the model's own `last_hidden_state` | `tests/layers/test_hf_vit.py` |")
+    rows.append("| any other family | checked on a probe image when the backbone is built; "
+                "refused unless it gives the model's own `last_hidden_state` | "
+                "`tests/layers/test_hf_vit.py` |")
     for name in sorted(hf.REFUSED):
         model = hf.REFUSED[name][0]()
         kind = model.config.model_type

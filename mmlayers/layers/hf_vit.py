@@ -16,9 +16,16 @@ import inspect
 import torch
 from torch import nn
 
-__all__ = ["UNSUPPORTED", "ViTBackbone", "as_vit_backbone"]
+__all__ = ["UNSUPPORTED", "VERIFIED_TYPES", "ViTBackbone", "as_vit_backbone"]
 
 _LAYER_PATHS = ("encoder.layers", "encoder.layer", "layers", "layer")
+
+#: model_types whose layer-by-layer drive is tested against the model's own output; other
+#: models are checked once at construction on a probe image (see ``ViTBackbone``).
+VERIFIED_TYPES = frozenset({
+    "clip_vision_model", "siglip_vision_model", "vit", "deit", "dinov2",
+    "dinov2_with_registers", "beit", "data2vec-vision", "aimv2_vision_model",
+    "chinese_clip_vision_model", "altclip_vision_model", "owlvit_vision_model"})
 
 #: model_type → why the layer-by-layer drive cannot reproduce the model; such models are
 #: refused by ``ViTBackbone`` at construction.
@@ -65,11 +72,15 @@ class ViTBackbone(nn.Module):
       ``resolution``, and a bias shared by all layers is computed once per call, as the
       models do; Data2Vec-vision's ``(tokens, grid)`` embedding output is unpacked.
 
-    Together these reproduce the model's own ``last_hidden_state`` (tested for CLIP,
-    SigLIP, ViT, DeiT, DINOv2 (with registers), BEiT, Data2Vec-vision and AIMv2).
-    Families that cannot be driven this way are refused at construction with the reason
-    (``UNSUPPORTED``: YOLOS, ViT-MAE, MLCD, Idefics3
-    vision) as is any hierarchical model (Swin and others with a ``depths`` list).
+    Together these reproduce the model's own ``last_hidden_state``: tested for the
+    ``model_type`` values in ``VERIFIED_TYPES`` (CLIP, SigLIP, ViT, DeiT, DINOv2 with and
+    without registers, BEiT, Data2Vec-vision, AIMv2, Chinese-CLIP, AltCLIP, OWL-ViT). Any
+    other model is checked once at construction: one probe image (fixed seed, eval mode,
+    no grad) goes through the model's own forward and through the layers; the model is
+    refused unless they agree (which also decides whether ``post_layernorm`` is part of
+    the last hidden state). Models on the meta device are not checked. Families known not
+    to work are refused with the reason (``UNSUPPORTED``: YOLOS, ViT-MAE, MLCD, Idefics3
+    vision), as is any hierarchical model (Swin and others with a ``depths`` list).
     ``num_prefix_tokens`` (CLS, distillation, register tokens) is read from the position
     table (+ ``register_tokens``) at construction; the pyramid and the tokenizer take the
     prefix as ``t − H·W`` of what ``embed`` actually returns.
@@ -80,8 +91,9 @@ class ViTBackbone(nn.Module):
 
     Raises:
         TypeError: when the model lacks embeddings, a layer list or a config with
-            ``hidden_size``, ``num_attention_heads``, ``image_size`` and ``patch_size``, or
-            is of a family listed in ``UNSUPPORTED`` or hierarchical.
+            ``hidden_size``, ``num_attention_heads``, ``image_size`` and ``patch_size``, is
+            of a family listed in ``UNSUPPORTED`` or hierarchical, or (a model type not in
+            ``VERIFIED_TYPES``) fails the probe-image check.
 
     Shapes:
         pixel_values (b, c, H·p, W·p) → last hidden state (b, t, d) with
@@ -139,11 +151,15 @@ class ViTBackbone(nn.Module):
         self.num_channels = int(getattr(config, "num_channels", 3))
         self.grid_size = (self.image_size[0] // self.patch_size[0],
                           self.image_size[1] // self.patch_size[1])
-        self._pre_norm_name = "pre_layrnorm" if hasattr(root, "pre_layrnorm") else None
+        self._pre_norm_name = next((n for n in ("pre_layrnorm", "pre_layernorm")
+                                    if isinstance(getattr(root, n, None), nn.Module)), None)
         self._final_norm_name = None
         if isinstance(getattr(root, "layernorm", None), nn.Module):
             self._final_norm_name = "layernorm"
-        elif isinstance(getattr(root, "post_layernorm", None), nn.Module) and not model_type.startswith("clip"):
+        elif isinstance(getattr(root, "post_layernorm", None), nn.Module) \
+                and self._pre_norm_name is None:
+            # SigLIP normalises every token; the CLIP family (the ones with a pre-norm)
+            # applies post_layernorm to the pooled token only
             self._final_norm_name = "post_layernorm"
         elif isinstance(getattr(root, "rms_norm", None), nn.Module):  # AIMv2
             self._final_norm_name = "rms_norm"
@@ -169,6 +185,58 @@ class ViTBackbone(nn.Module):
         if self.num_prefix_tokens < 0:
             raise TypeError(f"cannot drive {name}: its embeddings give {tokens} tokens for a "
                             f"{self.grid_size} patch grid")
+        if model_type not in VERIFIED_TYPES:
+            self._verify(f"{name} (model_type {model_type!r})")
+
+    @torch.no_grad()
+    def _verify(self, what: str) -> None:
+        """Refuse a model whose layer-by-layer drive does not give its own
+        ``last_hidden_state`` on a probe image (skipped for parameters on the meta device)."""
+        p = next(self.model.parameters(), None)
+        if p is None or p.device.type == "meta":
+            return
+        probe = torch.rand(1, self.num_channels, *self.image_size,
+                           generator=torch.Generator().manual_seed(0)).to(p.device, p.dtype)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            try:
+                want = self.model(pixel_values=probe).last_hidden_state
+            except Exception as e:  # noqa: BLE001 - any failure means it cannot be checked
+                raise TypeError(f"{what} cannot be checked: its own forward(pixel_values=...) "
+                                f"failed ({type(e).__name__}: {e}); only models tested "
+                                f"({sorted(VERIFIED_TYPES)}) or checked on a probe image "
+                                f"are accepted") from None
+            try:
+                hidden = self.run_layers(self.embed(probe))
+            except Exception as e:  # noqa: BLE001
+                raise TypeError(f"{what} is not supported: run layer by layer it fails "
+                                f"({type(e).__name__}: {e})") from None
+            got = self.final_norm(hidden)
+            tol = 1e-4 if p.dtype in (torch.float32, torch.float64) else 3e-2
+
+            def close(a):
+                return a.shape == want.shape and torch.allclose(
+                    a.float(), want.float(), rtol=tol, atol=tol * float(want.abs().amax()) + tol)
+
+            if not close(got) and isinstance(getattr(self.root, "post_layernorm", None),
+                                             nn.Module):
+                # a pre-norm and a post-norm on every token (e.g. GIT): try the other choice
+                other = None if self._final_norm_name == "post_layernorm" else "post_layernorm"
+                kept, self._final_norm_name = self._final_norm_name, other
+                got = self.final_norm(hidden)
+                if not close(got):
+                    self._final_norm_name = kept
+                    got = self.final_norm(hidden)
+        finally:
+            self.model.train(was_training)
+        if not close(got):
+            diff = (float((got.float() - want.float()).abs().amax())
+                    if got.shape == want.shape else f"shapes {tuple(got.shape)} vs "
+                                                     f"{tuple(want.shape)}")
+            raise TypeError(f"{what} is not supported: run layer by layer it gives features "
+                            f"that differ from its own last_hidden_state on a probe image "
+                            f"(max |difference| {diff})")
 
     def _count_tokens(self, embeddings: nn.Module) -> int:
         registers = getattr(embeddings, "register_tokens", None)  # DINOv2 with registers
@@ -182,7 +250,11 @@ class ViTBackbone(nn.Module):
         with torch.no_grad():  # no position table to read: embed one blank image
             probe = torch.zeros(1, self.num_channels, *self.image_size,
                                 dtype=self._param_dtype(), device=self._param_device())
-            out = embeddings(probe)
+            try:
+                out = embeddings(probe)
+            except Exception as e:  # noqa: BLE001 - not an image embedding we can drive
+                raise TypeError(f"cannot drive {type(self.model).__name__}: its embeddings do "
+                                f"not take pixel values alone ({type(e).__name__}: {e})") from None
             return int((out[0] if isinstance(out, tuple) else out).shape[1])
 
     # -- pieces -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers as tf
 
-from mmlayers.layers.hf_vit import UNSUPPORTED, ViTBackbone
+from mmlayers.layers.hf_vit import UNSUPPORTED, VERIFIED_TYPES, ViTBackbone
 from mmlayers.layers.pyramid import ViTAdapterPyramid
 from mmlayers.vision import VisualTokenizer
 
@@ -31,6 +31,15 @@ SUPPORTED = {
     "data2vec_layer_bias": lambda: tf.Data2VecVisionModel(tf.Data2VecVisionConfig(
         **C, use_relative_position_bias=True)),
     "aimv2": lambda: tf.Aimv2VisionModel(tf.Aimv2VisionConfig(**C)),
+    "chinese_clip": lambda: tf.ChineseCLIPVisionModel(tf.ChineseCLIPVisionConfig(**C)),
+    "altclip": lambda: tf.AltCLIPVisionModel(tf.AltCLIPVisionConfig(**C)),
+    "owlvit": lambda: tf.OwlViTVisionModel(tf.OwlViTVisionConfig(**C)),
+}
+
+# accepted after the probe-image check at construction (model types not in VERIFIED_TYPES)
+CHECKED = {
+    "git": lambda: tf.GitVisionModel(tf.GitVisionConfig(**C)),   # pre- and post-norm
+    "ijepa": lambda: tf.IJepaModel(tf.IJepaConfig(**C)),
 }
 
 REFUSED = {
@@ -52,7 +61,7 @@ REFUSED = {
 
 def build(family):
     torch.manual_seed(0)
-    model = SUPPORTED[family]().double().eval()
+    model = {**SUPPORTED, **CHECKED}[family]().double().eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every parameter matters (bias tables and layer scales start at 0)
         for p in model.parameters():
@@ -65,7 +74,7 @@ def pixels(b=2, seed=2):
                       dtype=torch.float64)
 
 
-@pytest.mark.parametrize("family", sorted(SUPPORTED))
+@pytest.mark.parametrize("family", sorted(SUPPORTED) + sorted(CHECKED))
 def test_backbone_reproduces_the_models_last_hidden_state(family):
     model, x = build(family), pixels()
     vb = ViTBackbone(model)
@@ -105,3 +114,52 @@ def test_families_it_cannot_drive_are_refused_at_construction(family):
 def test_every_refused_model_type_has_a_reason():
     assert {"yolos", "vit_mae", "mlcd_vision_model", "idefics3_vision", "swin"} <= set(UNSUPPORTED)
     assert all(len(why) > 20 for why in UNSUPPORTED.values())
+
+
+def test_verified_types_are_exactly_the_tested_families():
+    from test_pyramid import FAMILIES
+
+    types = {f().config.model_type for f in SUPPORTED.values()}
+    types |= {model_cls(cfg_cls(**C)).config.model_type for cfg_cls, model_cls, _ in
+              FAMILIES.values()}
+    assert types == set(VERIFIED_TYPES)
+    assert not {f().config.model_type for f in CHECKED.values()} & VERIFIED_TYPES
+
+
+class ShiftedViT(tf.ViTModel):
+    """An unknown family whose output the layers alone do not give (+1 after the norm)."""
+
+    def forward(self, pixel_values=None, **kw):
+        out = super().forward(pixel_values=pixel_values, **kw)
+        out.last_hidden_state = out.last_hidden_state + 1.0
+        return out
+
+
+def shifted(**kw):
+    cfg = tf.ViTConfig(**C)
+    cfg.model_type = "shifted_vit"
+    return ShiftedViT(cfg, **kw)
+
+
+def test_unknown_model_is_checked_on_a_probe_image():
+    torch.manual_seed(0)
+    model = shifted().train()
+    with pytest.raises(TypeError, match=r"ShiftedViT \(model_type 'shifted_vit'\) is not "
+                                        r"supported: .*differ from its own last_hidden_state"):
+        ViTBackbone(model)
+    assert model.training  # the check ran in eval mode and restored the mode
+    fine = tf.ViTModel(tf.ViTConfig(**C)).train()
+    fine.config.model_type = "renamed_vit"   # the same computation under an unknown name
+    vb = ViTBackbone(fine)
+    assert fine.training and vb.num_prefix_tokens == 1
+    with torch.device("meta"):
+        on_meta = shifted()
+    assert ViTBackbone(on_meta).depth == 3   # nothing to run on the meta device: no check
+
+
+def test_unknown_model_whose_own_forward_needs_more_is_refused():
+    torch.manual_seed(0)
+    model = tf.Siglip2VisionModel(tf.Siglip2VisionConfig(**{**C, "num_patches": 16}))
+    with pytest.raises(TypeError, match=r"siglip2_vision_model.*cannot be checked: its own "
+                                        r"forward\(pixel_values=...\) failed"):
+        ViTBackbone(model)
