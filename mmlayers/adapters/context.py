@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mmlayers.layers.posembed import sincos_1d
+from mmlayers.layers.posembed import official_sincos_1d, sincos_1d
 from mmlayers.layers.qformer import QFormerResampler
 from mmlayers.layers.resampler import PerceiverResampler
 
@@ -138,6 +138,11 @@ class ImageContextEncoder(nn.Module):
         resampler: ``"perceiver"`` (default) or ``"qformer"``: the official post-norm
             BLIP-2 Q-Former ([`QFormerResampler`][mmlayers.layers.qformer.QFormerResampler];
             no qk-norm, no dropout, FFN 3072 unless ``resampler_kwargs`` says otherwise).
+        pos_table: the 1-D position table added to the context: ``"exact"`` (default,
+            [`sincos_1d`][mmlayers.layers.posembed.sincos_1d]) or ``"official"`` (the
+            official float32 table,
+            [`official_sincos_1d`][mmlayers.layers.posembed.official_sincos_1d]; up to 2e-4
+            away from the exact one at long contexts).
         device: device of the parameters (``None``: the default device).
         dtype: dtype of the parameters (``None``: the default dtype).
 
@@ -162,7 +167,8 @@ class ImageContextEncoder(nn.Module):
     def __init__(self, *, context_dim: int, out_dim: int, num_queries: int = 77,
                  hidden_dim: int = 1024, depth: int = 1, num_heads: int = 16,
                  uncond_prob: float = 0.1, resampler_kwargs: dict | None = None,
-                 resampler: str = "perceiver", device=None, dtype=None) -> None:
+                 resampler: str = "perceiver", pos_table: str = "exact",
+                 device=None, dtype=None) -> None:
         super().__init__()
         for name, v in (("context_dim", context_dim), ("out_dim", out_dim),
                         ("num_queries", num_queries)):
@@ -175,6 +181,10 @@ class ImageContextEncoder(nn.Module):
         kw = {"device": device, "dtype": dtype}
         self.context_dim, self.out_dim, self.num_queries = context_dim, out_dim, num_queries
         self.uncond_prob = float(uncond_prob)
+        if pos_table not in ("exact", "official"):
+            raise ValueError(f"pos_table must be 'exact' or 'official', got {pos_table!r}")
+        self.pos_table = pos_table
+        self._official_pos = torch.zeros(0, context_dim)  # grown on demand, not saved
         self.proj = nn.Linear(context_dim, context_dim, **kw)
         if resampler not in ("perceiver", "qformer"):
             raise ValueError(f"resampler must be 'perceiver' or 'qformer', got {resampler!r}")
@@ -239,7 +249,13 @@ class ImageContextEncoder(nn.Module):
         src = (lengths - 1 - offs).clamp(min=0)  # reversed valid part, left-aligned
         x = context.gather(1, src[..., None].expand(b, s, self.context_dim))
         mask = offs >= lengths
-        pos = sincos_1d(s, self.context_dim, device=context.device, dtype=self.proj.weight.dtype)
+        if self.pos_table == "official":
+            if self._official_pos.shape[0] < s:
+                self._official_pos = official_sincos_1d(max(s, 2048), self.context_dim)
+            pos = self._official_pos[:s].to(context.device, self.proj.weight.dtype)
+        else:
+            pos = sincos_1d(s, self.context_dim, device=context.device,
+                            dtype=self.proj.weight.dtype)
         x = self.proj(x.to(self.proj.weight.dtype)) + pos
         out = self.resampler(x, context_padding_mask=mask)
         if drop is None and self.training and self.uncond_prob > 0:

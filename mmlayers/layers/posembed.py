@@ -36,8 +36,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["accept_stored_table", "official_sincos_2d", "resize_pos_table", "sincos_1d",
-           "sincos_2d"]
+__all__ = ["accept_stored_table", "official_sincos_1d", "official_sincos_2d", "resize_pos_table",
+           "sincos_1d", "sincos_2d"]
 
 
 def _frequencies(num: int, temperature: float) -> torch.Tensor:
@@ -149,6 +149,47 @@ def sincos_2d(
     if layout == "yx":
         halves = halves[2:] + halves[:2]
     return torch.cat(halves, dim=1).to(device=device, dtype=dtype)
+
+
+def official_sincos_1d(length: int, dim: int) -> torch.Tensor:
+    """The official MM-Interleaved 1-D table of positions ``0 … length−1``, bit for bit.
+
+    The numbers of ``sincos_1d(length, dim)`` up to float32 rounding, computed as the
+    official image decoder does for its context (every step in float32; NumPy when
+    installed, else torch). The float32 products ``t·ω`` lose precision for large ``t``
+    (about 2e-4 at position 2000), so this table, not the exact one, reproduces the
+    official context features.
+
+    Args:
+        length: number of positions n.
+        dim: width d, even.
+
+    Returns:
+        (n, d) float32 tensor ``[sin | cos]``; row i of a longer table equals row i here.
+
+    Examples:
+        >>> import torch
+        >>> from mmlayers.layers.posembed import official_sincos_1d, sincos_1d
+        >>> e = official_sincos_1d(3, 4)
+        >>> e.dtype, torch.allclose(e, sincos_1d(3, 4), atol=1e-6)
+        (torch.float32, True)
+    """
+    _check_dim(dim, 2, "official_sincos_1d")
+    if isinstance(length, bool) or not isinstance(length, int) or length < 0:
+        raise ValueError(f"official_sincos_1d needs a non-negative integer length, got {length!r}")
+    k = dim // 2
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with transformers
+        np = None
+    if np is not None:
+        omega = np.float32(1.0) / np.power(np.float32(10000.0),
+                                           np.arange(k, dtype=np.float32) / np.float32(k))
+        ang = np.arange(length, dtype=np.float32)[:, None] * omega[None, :]
+        return torch.from_numpy(np.concatenate([np.sin(ang), np.cos(ang)], axis=1))
+    omega = 1.0 / torch.pow(10000.0, torch.arange(k, dtype=torch.float32) / k)
+    ang = torch.arange(length, dtype=torch.float32)[:, None] * omega[None, :]
+    return torch.cat([ang.sin(), ang.cos()], dim=1)
 
 
 def official_sincos_2d(grid: int, dim: int, *, prefix_rows: int = 0) -> torch.Tensor:

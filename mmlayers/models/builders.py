@@ -129,7 +129,8 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
     encoder = ImageContextEncoder(context_dim=context_dim, out_dim=width,
                                   num_queries=cfg.context_queries, hidden_dim=cfg.context_hidden,
                                   depth=cfg.context_depth, num_heads=cfg.context_heads,
-                                  uncond_prob=cfg.uncond_prob, resampler=cfg.context_resampler)
+                                  uncond_prob=cfg.uncond_prob, resampler=cfg.context_resampler,
+                                  pos_table=cfg.context_pos_table)
     if cfg.path is not None and cfg.init_negative_from_text_encoder:
         neg = _negative_from_text_encoder(cfg.path)
         if neg is not None:

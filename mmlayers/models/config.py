@@ -169,6 +169,8 @@ class DecoderConfig:
             ``"qformer"`` (the official post-norm BLIP-2 Q-Former).
         sync_pos_table: the UNet synchronizers' query position tables, ``"exact"``
             (default) or ``"official"`` (stored ``[y|x]`` table, bicubic resize).
+        context_pos_table: the context encoder's 1-D position table, ``"exact"``
+            (default) or ``"official"`` (the official float32 table).
     """
 
     path: str | None = None
@@ -199,6 +201,7 @@ class DecoderConfig:
     cross_attention_positions: bool = False
     context_resampler: str = "perceiver"
     sync_pos_table: str = "exact"
+    context_pos_table: str = "exact"
 
 
 @dataclass
@@ -423,7 +426,7 @@ class MMInterleavedConfig:
 
         - resamplers: post-norm BLIP-2 Q-Formers (``"qformer"``; ours: pre-norm perceivers);
         - 2-D position tables: the stored ``[y|x]`` float32 tables, resized bicubically
-          (ours: the exact formula, ``[x|y]``);
+          (ours: the exact formula, ``[x|y]``); the context's 1-D table in float32;
         - ViT-Adapter spatial-prior LayerNorm eps 1e-6 (ours 1e-5);
         - LLM synchronizer value width: the ViT's (the builder's default);
         - diffusion loss only for contexts longer than 2 tokens (``image_context_rule``).

@@ -291,6 +291,7 @@ def official_config(llm: str, vit: str, sd: str, *, tokens=None,
     v.resampler, v.pos_table = "qformer", "official"
     v.pyramid_kwargs = {**v.pyramid_kwargs, "spm_eps": 1e-6}
     dc.context_resampler, dc.sync_pos_table = "qformer", "official"
+    dc.context_pos_table = "official"
     cfg.loss.image_context_rule = "official"
     if state_dict is None:
         return cfg

@@ -155,3 +155,26 @@ def test_image_context_rule_official_drops_continuation_rows():
     with pytest.raises(ValueError, match="rule must be 'content' or 'official', got 'x'"):
         image_contexts(h, ids, soi_id=SOI, bos_id=S, rule="x")
 
+
+
+def test_official_1d_context_table():
+    """pos_table='official': the context gets the official float32 1-D table (written out
+    here with NumPy float32 arithmetic), not the exact one."""
+    import numpy as np
+
+    enc = small_encoder(pos_table="official").double()
+    g = torch.Generator().manual_seed(1)
+    ctx = torch.randn(1, 5, 16, generator=g, dtype=torch.float64)
+    om = np.float32(1.0) / np.float32(10000.0) ** (np.arange(8, dtype=np.float32) / np.float32(8))
+    ang = np.arange(5, dtype=np.float32)[:, None] * om
+    table = torch.from_numpy(np.concatenate([np.sin(ang), np.cos(ang)], 1)).double()
+    with torch.no_grad():
+        out = enc(ctx)
+        want = enc.resampler((enc.proj(ctx[0].flip(0)) + table)[None])
+    torch.testing.assert_close(out, want, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the exact table differs in the float32 digits
+        exact = small_encoder().double()
+        exact.load_state_dict(enc.state_dict())
+        assert not torch.equal(exact(ctx), out)
+    with pytest.raises(ValueError, match="pos_table must be 'exact' or 'official', got 'yx'"):
+        small_encoder(pos_table="yx")

@@ -3,7 +3,13 @@ import math
 import pytest
 import torch
 
-from mmlayers.layers.posembed import official_sincos_2d, resize_pos_table, sincos_1d, sincos_2d
+from mmlayers.layers.posembed import (
+    official_sincos_1d,
+    official_sincos_2d,
+    resize_pos_table,
+    sincos_1d,
+    sincos_2d,
+)
 
 
 def test_sincos_1d_hand_computed():
@@ -162,3 +168,29 @@ def test_official_errors():
         resize_pos_table(torch.zeros(15, 4), 2)
     with pytest.raises(ValueError, match="2-D tensor"):
         resize_pos_table(torch.zeros(16), 2)
+
+
+def test_official_1d_table_float32_bits_and_values():
+    import numpy as np
+
+    e = official_sincos_1d(5, 8)
+    assert e.shape == (5, 8) and e.dtype == torch.float32
+    want = [math.sin(3), math.sin(0.3), math.sin(0.03), math.sin(0.003),
+            math.cos(3), math.cos(0.3), math.cos(0.03), math.cos(0.003)]
+    torch.testing.assert_close(e[3].double(), torch.tensor(want, dtype=torch.float64),
+                               rtol=0, atol=1e-7)
+    # every step in float32, positions up to 3000: the float32 products drift from the
+    # exact table, and the official numbers are the float32 ones
+    n, dim = 3000, 64
+    om = np.float32(1.0) / np.float32(10000.0) ** (np.arange(dim // 2, dtype=np.float32)
+                                                  / np.float32(dim // 2))
+    ang = np.arange(n, dtype=np.float32)[:, None] * om
+    want = torch.from_numpy(np.concatenate([np.sin(ang), np.cos(ang)], 1))
+    got = official_sincos_1d(n, dim)
+    assert torch.equal(got, want)
+    assert (got.double() - sincos_1d(n, dim, dtype=torch.float64)).abs().max() > 1e-5
+    assert torch.equal(official_sincos_1d(10, dim), got[:10])
+    with pytest.raises(ValueError, match="multiple of 2, got 3"):
+        official_sincos_1d(4, 3)
+    with pytest.raises(ValueError, match="non-negative integer length, got -1"):
+        official_sincos_1d(-1, 4)

@@ -318,6 +318,7 @@ def test_official_preset_differs_from_paper_preset_only_where_documented():
         "vision.pyramid_kwargs": ({}, {"spm_eps": 1e-6}),
         "decoder.context_resampler": ("perceiver", "qformer"),
         "decoder.sync_pos_table": ("exact", "official"),
+        "decoder.context_pos_table": ("exact", "official"),
         "loss.image_context_rule": ("content", "official"),
     }
 
