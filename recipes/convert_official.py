@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sd", required=True, help="local Stable Diffusion 2.1-base directory")
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.add_argument("--image-size", type=int, default=None, help="decoder image side (512)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="cast the model to this dtype before saving (default: no cast)")
     p.add_argument("--full", action="store_true", help="also write the frozen component weights")
     return p.parse_args(argv)
 
@@ -71,7 +72,8 @@ def main(argv: list[str] | None = None) -> str:
     tokenizer, tokens = _tokenizer(args.llm)
     model = MMInterleaved.from_official(args.checkpoint, llm=args.llm, vit=args.vit, sd=args.sd,
                                         tokens=tokens, image_size=args.image_size,
-                                        dtype=getattr(torch, args.dtype), tokenizer=tokenizer)
+                                        dtype=getattr(torch, args.dtype) if args.dtype else None,
+                                        tokenizer=tokenizer)
     model.save_pretrained(args.out, full=args.full)
     logger.info("wrote %s", args.out)
     return args.out
