@@ -75,6 +75,9 @@ UNET_ROWS = [  # (layout, what works, test function that checks it, test file)
      "test_sdxl_sampling_equals_guided_ddim_oracle", "tests/adapters/test_unet_inputs.py"),
     ("`num_class_embeds` / `class_embed_type`", "pass `class_labels`",
      "test_class_labels_pass_through_loss_and_sampling", "tests/adapters/test_unet_inputs.py"),
+    ("`UNet2DModel` (no `encoder_hidden_states`)", "refused by `diffusion_loss`, "
+     "`ImageGenerator` and `UNetSynchronizer`", "test_unconditional_unet_is_refused_up_front",
+     "tests/adapters/test_unet_inputs.py"),
     ("`mid_block_type=None`", "refused by `UNetSynchronizer`",
      "test_unet_without_mid_block_is_refused_with_its_reason",
      "tests/adapters/test_unet_inputs.py"),

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlayers.adapters.unet_inputs import unet_extra_inputs
+from mmlayers.adapters.unet_inputs import _check_conditional_unet, unet_extra_inputs
 
 __all__ = ["diffusion_loss", "encode_latents"]
 
@@ -34,6 +34,7 @@ def encode_latents(vae: nn.Module, images: torch.Tensor,
 
 
 def _check_context(unet: nn.Module, ehs: torch.Tensor, b: int) -> None:
+    _check_conditional_unet(unet, "the image decoder")
     width = getattr(unet.config, "cross_attention_dim", None)
     if isinstance(width, (list, tuple)):
         width = width[0]

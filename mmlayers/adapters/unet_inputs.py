@@ -27,6 +27,7 @@ that says what to pass instead of a failure deep inside diffusers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
@@ -159,6 +160,19 @@ def unet_extra_inputs(unet: nn.Module, batch: int, *,
         out["class_labels"] = class_labels.to(
             ref.device, ref.dtype if class_labels.is_floating_point() else class_labels.dtype)
     return out
+
+
+def _check_conditional_unet(unet: nn.Module, user: str) -> None:
+    """Refuse a UNet whose forward takes no ``encoder_hidden_states`` (e.g. diffusers'
+    unconditional ``UNet2DModel``, whose up blocks also get the skips positionally)."""
+    try:
+        params = inspect.signature(unet.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return
+    if "encoder_hidden_states" not in params:
+        raise TypeError(f"{user} needs a diffusers UNet2DConditionModel (conditioned on "
+                        f"encoder_hidden_states); {type(unet).__name__}.forward takes no "
+                        f"encoder_hidden_states")
 
 
 def _concat_extra(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from mmlayers.adapters.skip_sync import SkipSynchronizer
+from mmlayers.adapters.unet_inputs import _check_conditional_unet
 
 __all__ = ["UNetSynchronizer"]
 
@@ -185,6 +186,7 @@ class UNetSynchronizer(nn.Module):
             if getattr(unet, name, None) is None:
                 raise TypeError(f"expected a diffusers UNet2DConditionModel with a "
                                 f"{name!r} attribute; {type(unet).__name__} has none")
+        _check_conditional_unet(unet, "UNetSynchronizer")
         size = unet.config.sample_size
         hw = (size, size) if isinstance(size, int) else tuple(int(v) for v in size)
         side = hw[0]

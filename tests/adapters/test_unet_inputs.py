@@ -154,7 +154,8 @@ def test_missing_or_unread_inputs_are_refused_up_front(monkeypatch):
     unet, sched = sdxl_unet(), DDPMScheduler()
     x0, ehs, _, _ = batch()
     calls = []
-    monkeypatch.setattr(unet, "forward", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(unet, "forward",
+                        lambda *a, encoder_hidden_states=None, **k: calls.append(1))
     with pytest.raises(ValueError, match=r"addition_embed_type='text_time' \(SDXL-style\) and "
                                          r"needs added_cond_kwargs=.*D \+ T·4 = 30.*missing "
                                          r"\['text_embeds', 'time_ids'\]"):
@@ -233,3 +234,24 @@ def test_model_decoder_refuses_a_unet_it_cannot_condition():
         build(num_class_embeds=3)
     parts = build(addition_embed_type="text", addition_embed_type_num_heads=2)
     assert parts["unet"].config.addition_embed_type == "text"
+
+
+def test_unconditional_unet_is_refused_up_front():
+    """diffusers' UNet2DModel takes no encoder_hidden_states (and hands its up blocks the
+    skip tensors positionally): refused by the loss, the generator and the synchronizer."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    x0, ehs, _, _ = batch()
+    msg = r"needs a diffusers UNet2DConditionModel .*UNet2DModel.forward takes no"
+    with pytest.raises(TypeError, match="the image decoder " + msg):
+        diffusion_loss(unet, DDPMScheduler(), images=x0.float(), encoder_hidden_states=ehs)
+    with pytest.raises(TypeError, match=msg):
+        ImageGenerator(unet=unet, scheduler=DDIMScheduler())(ehs, guidance_scale=1.0,
+                                                             num_inference_steps=1)
+    with pytest.raises(TypeError, match="UNetSynchronizer " + msg):
+        UNetSynchronizer.for_unet(unet, value_dim=6)
