@@ -31,7 +31,11 @@ def llm_table() -> str:
         src, dst = HOOK_POINTS[fam]
         rows.append(f"| `{fam}` | after attention (`{src}` … `{dst}`) | layer formula by hand "
                     f"(`tests/adapters/test_llm_placement.py`) |")
-    for fam in sorted(set(basic.FAMILIES) - set(HOOK_POINTS)):
+    for fam in sorted(placement.AFTER_LAYER):
+        kind = placement.build_after_layer(fam).config.model_type
+        rows.append(f"| `{kind}` | after the layer (no known hook points) | layer output + "
+                    f"gated synchronizer by hand (`tests/adapters/test_llm_placement.py`) |")
+    for fam in sorted(set(basic.FAMILIES) - set(HOOK_POINTS) - set(placement.AFTER_LAYER)):
         rows.append(f"| `{fam}` | after the layer (no known hook points) | identity, "
                     f"visibility, cached decoding (`tests/adapters/test_llm.py`) |")
     return "\n".join(rows)

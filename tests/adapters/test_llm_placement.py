@@ -13,7 +13,7 @@ import torch
 import transformers as tf
 
 from mmlayers.adapters.llm import attach_synchronizers
-from mmlayers.adapters.llm_layers import HOOK_POINTS
+from mmlayers.adapters.llm_layers import HOOK_POINTS, find_decoder_layers
 from mmlayers.layers.visibility import image_visibility
 
 SYNC = {"value_dim": 8, "heads": 2, "points": 2, "level_sizes": (4, 2), "base_size": 2,
@@ -125,3 +125,76 @@ def test_synchronizer_sits_between_attention_and_feed_forward(family):
             want = h + sub(layer, names[5], sub(layer, names[4], sub(layer, names[3], h)))
             assert (torch.tanh(block.gate) * sync).abs().amax() > 1e-3
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def build_after_layer(family):
+    torch.manual_seed(0)
+    if family == "opt":
+        return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                              ffn_dim=48, num_attention_heads=4,
+                                              max_position_embeddings=64,
+                                              word_embed_proj_dim=32))
+    if family == "falcon":
+        return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=64, hidden_size=32,
+                                                    num_hidden_layers=2, num_attention_heads=4))
+    if family == "bloom":
+        return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=64, hidden_size=32, n_layer=2,
+                                                  n_head=4))
+    if family == "gptj":
+        return tf.GPTJForCausalLM(tf.GPTJConfig(vocab_size=64, n_embd=32, n_layer=2, n_head=4,
+                                                n_positions=64, rotary_dim=4, bos_token_id=BOS,
+                                                eos_token_id=2))
+    if family == "gpt_neox":
+        return tf.GPTNeoXForCausalLM(tf.GPTNeoXConfig(**COMMON))
+    if family == "stablelm":
+        return tf.StableLmForCausalLM(tf.StableLmConfig(**COMMON))
+    if family == "mixtral":
+        return tf.MixtralForCausalLM(tf.MixtralConfig(**COMMON, num_local_experts=4,
+                                                      num_experts_per_tok=2, head_dim=8))
+    raise KeyError(family)
+
+
+AFTER_LAYER = ["bloom", "falcon", "gpt_neox", "gptj", "mixtral", "opt", "stablelm"]
+
+
+@pytest.mark.parametrize("family", AFTER_LAYER)
+def test_after_layer_families_add_the_synchronizer_to_the_layer_output(family):
+    """Families without hook points: ``out = y + tanh(g)·MMFS(y)`` with ``y`` the bare
+    layer's output for the same input and arguments."""
+    dtype = torch.float32 if family == "mixtral" else torch.float64  # grouped MoE matmuls
+    model = build_after_layer(family).to(dtype).eval()
+    assert model.config.model_type not in HOOK_POINTS
+    handle = attach_synchronizers(model, every=1, **SYNC)
+    assert handle.placement == "after_layer"
+    with torch.no_grad():
+        for i, block in enumerate(handle.blocks.values()):
+            block.gate.fill_(0.6 + 0.3 * i)
+            block.sync.sampling_offsets.weight.normal_(0, 0.05)
+    row = [BOS, 9, SOI, IMG, IMG, 10, 11, SOI, IMG, IMG, 12, 13]
+    ids = torch.tensor([row, row[:6] + [20, 21, 22, 23, 24, 25]])
+    vis, _ = image_visibility(ids, soi_id=SOI, image_id=IMG, bos_id=BOS)
+    feats = torch.randn(2, 2, S, 8, generator=torch.Generator().manual_seed(1)).to(dtype) * 2
+    layers = find_decoder_layers(model)
+    calls = {}
+
+    def grab(i):
+        def hook(mod, args, kwargs, out):
+            calls[i] = (args, kwargs, first(out))
+        return hook
+
+    hooks = [layer.register_forward_hook(grab(i), with_kwargs=True)
+             for i, layer in enumerate(layers)]
+    with torch.no_grad(), handle.vision(feats, vis):
+        model(ids, attention_mask=torch.ones_like(ids), use_cache=False)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            args, kwargs, got = calls[i]
+            y = first(layer(*args, **kwargs))   # outside the context: the bare layer
+            block = handle.blocks[str(i)]
+            sync = torch.tanh(block.gate) * block.sync(block.query_norm(y),
+                                                       block.vision_norm(feats), vis)
+            assert sync.abs().amax() > 1e-3
+            tol = 1e-5 if dtype == torch.float32 else 1e-10
+            torch.testing.assert_close(got, y + sync, rtol=tol, atol=tol)
