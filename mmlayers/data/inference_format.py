@@ -18,7 +18,7 @@ inference loop does: ``generate_images`` regenerates the *last listed image* fro
 precedes it (``target_index`` says which item it replaces; the items after it follow the
 new image), text turns may open an image (the next turn draws it), and every input image
 is center-cropped to a square (the official transform resizes the shorter side and crops
-the centre).
+the centre); a record without ``num_iter`` runs 2 iterations (the official default).
 
 **Our format**, a list (or one object) of::
 
@@ -151,8 +151,9 @@ def _official(rec: dict, root: Path, where: str, official: bool = False) -> Gene
                 raise _fail(where, "generate_images with official semantics regenerates the "
                                    "last listed image, but the request lists none")
             target = images[-1]
-    return GenerationRequest(items, _OFFICIAL_MODES[mode], _int(rec.get("num_iter", 1), where,
-                                                                "num_iter"),
+    # the official inference config runs 2 iterations when a record does not say
+    turns = rec.get("num_iter", 2 if official else 1)
+    return GenerationRequest(items, _OFFICIAL_MODES[mode], _int(turns, where, "num_iter"),
                              {}, [loaded[i][1] for i in used], rec, official, target)
 
 

@@ -107,6 +107,7 @@ def test_official_semantics_target_and_center_crop(tmp_path):
     texts = {**rec, "generate_mode": "generate_texts", "official_semantics": True}
     req, = read_generation_requests(dump(tmp_path, [texts]))  # the record selects it
     assert req.official and req.target_index is None and req.generate == "text"
+    assert req.turns == 2 and plain.turns == 1  # num_iter defaults: official 2, ours 1
     off = {**rec, "official_semantics": False}
     assert not read_generation_requests(dump(tmp_path, [off]), official=True)[0].official
     with pytest.raises(ValueError, match="record 0: official_semantics must be true or false"):
