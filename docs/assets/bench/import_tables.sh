@@ -13,9 +13,7 @@ imp docs/benchmarks.md --suite ops --tables 0 \
 imp docs/benchmarks_sync.md --suite sync --tables 0 1 --titles "features projected inside" "values precomputed" \
   --command "python recipes/benchmark.py sync --repeats 3 --threads 1 [--precomputed]" \
   --date "2026-11-29 13:47-13:57 UTC" --machine "shared 2-core AMD EPYC VM (AVX-512), torch 2.13.0+cpu, load average 3.3-4.0"
-imp docs/benchmarks_llm.md --suite llm --tables 0 \
-  --command "python recipes/benchmark.py llm --images 1 4 16 --threads 1 --repeats 5" \
-  --date "2026-11-29 13:51-13:52 UTC" --machine "shared 2-core AMD EPYC VM, torch 2.13.0+cpu, load average 2.6-3.2"
+# llm.json: written by the run itself (benchmark.py --json), see docs/benchmarks_llm.md
 imp docs/benchmarks_vision.md --suite vision --tables 0 1 2 \
   --titles "width 256, auto backend" "width 256, reference backend" "width 384, auto backend" \
   --command "python recipes/benchmark.py vision --threads 1 [--backend reference | --width 384 --heads 6]" \
