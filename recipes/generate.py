@@ -18,6 +18,12 @@ and the official text decoding (nucleus sampling, top-p 0.9, repetition penalty 
 turn that ends with ``</s>`` ends the request (the official loop would drop the ``</s>``
 and go on until ``num_iter``).
 
+A request that produces fewer turns than it asks for (the model ended the document with
+``</s>``, or a turn wrote nothing visible) is reported with a warning and in
+``results.json`` (``turns`` asked, ``turns_done``); prompt words outside the tokenizer's
+vocabulary (read as ``<unk>``) are warned about before generation. Text generation never
+picks ``<pad>`` or ``<unk>``, and each ``generate: text`` turn writes at least one token.
+
 Everything is checked (model directory, request file, every image) before any
 generation, and the output is written to a temporary directory that is renamed to
 ``--out`` at the end, so a failed run leaves nothing half-written.
@@ -99,8 +105,10 @@ def load(args):
     return requests, model
 
 
-def run_request(model, req, args) -> list[tuple[object, bool]]:
-    """→ the document as (item, generated?) pairs."""
+def run_request(model, req, args) -> tuple[list[tuple[object, bool]], int, str]:
+    """→ the document as (item, generated?) pairs, how many turns produced text or an
+    image, and why generation stopped before ``req.turns`` ("" when it did not). A text
+    turn (``generate: text``) writes at least one token before ``</s>``."""
     o = req.options
     seed = o.get("seed", args.seed)
     gen = torch.Generator().manual_seed(seed)
@@ -117,31 +125,45 @@ def run_request(model, req, args) -> list[tuple[object, bool]]:
         return _run_official(session, req, max_new, image_kw, text_kw)
     for item in req.items:
         (session.add_text if isinstance(item, str) else session.add_image)(item)
-    start = len(session.items)
-    if req.generate == "interleaved":
-        session.run(req.turns, max_new_tokens=max_new, image_kwargs=image_kw, **text_kw)
-    for _ in range(req.turns if req.generate != "interleaved" else 0):
+    start, done, why = len(session.items), 0, ""
+    if req.generate == "text":
+        text_kw["min_new_tokens"] = max(1, text_kw["min_new_tokens"])
+    for turn in range(1, req.turns + 1):
         if req.generate == "image":
             session.generate_image(**image_kw)
-        elif session.generate_text(max_new, allow_image=False, **text_kw).finished:
+            done += 1
+            continue
+        result = session.generate_text(max_new, allow_image=req.generate == "interleaved",
+                                       **text_kw)
+        if result.image_opened:
+            session.generate_image(**image_kw)
+        done += bool(result.text or result.image_opened)
+        if not (result.text or result.image_opened or why):
+            why = f"turn {turn} wrote no visible text"
+        if result.finished or len(session.ids) >= session.max_length:
+            why = (f"the model ended the document (</s>) in turn {turn}" if result.finished
+                   else f"the document reached max_length={session.max_length} in turn {turn}")
             break
-    return [(item, i >= start) for i, item in enumerate(session.items)]
+    return [(item, i >= start) for i, item in enumerate(session.items)], done, why
 
 
-def _run_official(session, req, max_new, image_kw, text_kw) -> list[tuple[object, bool]]:
+def _run_official(session, req, max_new, image_kw, text_kw):
     """The official loop: ``turns`` iterations, each a text turn or an image; a text turn
     that opens an image makes the next iteration draw it; ``generate_images`` first
-    regenerates the last listed image (``req.target_index``)."""
+    regenerates the last listed image (``req.target_index``). Returns what
+    :func:`run_request` does."""
     add = {str: session.add_text}
     cut = req.target_index if req.target_index is not None else len(req.items)
     for item in req.items[:cut]:
         add.get(type(item), session.add_image)(item)
     flags = [False] * len(session.items)
     mode = "image" if req.target_index is not None else "text"
+    done, why = 0, ""
     for turn in range(req.turns):
         if mode == "image":
             session.generate_image(**image_kw)
             flags.append(True)
+            done += 1
             if turn == 0 and req.target_index is not None:  # the rest of the request
                 for item in req.items[cut + 1:]:
                     add.get(type(item), session.add_image)(item)
@@ -150,14 +172,35 @@ def _run_official(session, req, max_new, image_kw, text_kw) -> list[tuple[object
             continue
         result = session.generate_text(max_new, allow_image=True, **text_kw)
         flags += [True] * (len(session.items) - len(flags))
+        done += bool(result.text or result.image_opened)
         if result.image_opened:
             mode = "image"
         elif result.finished:
+            why = f"the model ended the document (</s>) in turn {turn + 1}"
             break
-    return list(zip(session.items, flags, strict=True))
+    return list(zip(session.items, flags, strict=True)), done, why
 
 
-def write(out: Path, docs, requests) -> None:
+def warn_unknown_words(tokenizer, requests) -> None:
+    """Warn about prompt words the tokenizer does not know (they become ``<unk>``)."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for i, req in enumerate(requests):
+        words = []
+        for text in (x for x in req.items if isinstance(x, str) and unk is not None):
+            if not getattr(tokenizer, "is_fast", False):  # no offsets: name the text
+                words += [text] if unk in tokenizer(text, add_special_tokens=False)[
+                    "input_ids"] else []
+                continue
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            words += [text[a:b] for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"],
+                                                     strict=True) if t == unk]
+        if words:
+            logger.warning("request %d: %d word(s) not in the model's vocabulary, read as "
+                           "%s: %s", i, len(words), tokenizer.unk_token,
+                           ", ".join(map(repr, dict.fromkeys(words))))
+
+
+def write(out: Path, docs, requests, done) -> None:
     e = html.escape
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
@@ -183,7 +226,8 @@ def write(out: Path, docs, requests) -> None:
                     items.append({"image": name, "generated": generated})
                     parts.append(f"<img{cls} src='{png_data_uri(item)}' alt='{name}'>")
             parts.append("</div>")
-            results.append({"request": i, "generate": req.generate, "items": items})
+            results.append({"request": i, "generate": req.generate, "turns": req.turns,
+                            "turns_done": done[i], "items": items})
         (tmp / "results.json").write_text(json.dumps(results, indent=1))
         (tmp / "index.html").write_text("\n".join(parts))
         if out.exists():
@@ -200,14 +244,20 @@ def main(argv: list[str] | None = None) -> list:
         requests, model = load(args)
     except ValueError as err:
         raise SystemExit(f"generate.py: {err}") from None
-    docs = []
+    warn_unknown_words(model.tokenizer, requests)
+    docs, done = [], []
     for i, req in enumerate(requests):
         logger.info("request %d/%d: %s, %d turn(s)", i + 1, len(requests), req.generate, req.turns)
         try:
-            docs.append(run_request(model, req, args))
+            doc, n, why = run_request(model, req, args)
         except ValueError as err:  # e.g. the context length; nothing has been written
             raise SystemExit(f"generate.py: request {i}: {err}") from None
-    write(Path(args.out), docs, requests)
+        if n < req.turns:
+            logger.warning("request %d: asked for %d %s turn(s), %d produced text or an "
+                           "image: %s", i, req.turns, req.generate, n, why)
+        docs.append(doc)
+        done.append(n)
+    write(Path(args.out), docs, requests, done)
     logger.info("wrote %s", args.out)
     return docs
 

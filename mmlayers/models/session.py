@@ -257,8 +257,15 @@ class InterleavedSession(TurnsMixin):
 
     def _masked(self, allow_image: bool) -> list[int]:
         """Tokens text generation never picks: ``<image>`` (only after ``<soi>``), ``<s>``
-        (it would start another document) and, unless allowed, ``<soi>``."""
-        return [self.tok.image_id, self.tok.bos_id] + ([] if allow_image else [self.tok.soi_id])
+        (it would start another document), padding and the tokenizer's unknown token
+        (both decode to nothing: a turn of them would be an invisible, empty turn; left
+        allowed where they share an id with ``</s>`` or ``<soi>``) and, unless allowed,
+        ``<soi>``."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        quiet = [i for i in (self.tok.pad_id, unk)
+                 if isinstance(i, int) and i not in (self.tok.eos_id, self.tok.soi_id)]
+        return [self.tok.image_id, self.tok.bos_id, *quiet] + \
+            ([] if allow_image else [self.tok.soi_id])
 
     def _text_logits(self, allow_image: bool) -> torch.Tensor:
         logits = self._logits.float().clone()

@@ -88,7 +88,8 @@ class ReencodeOracle:
 
     def masked(self, logits, allow=True):
         logits = logits.float().clone()
-        logits[[self.t.image_id, self.t.bos_id] + ([] if allow else [self.t.soi_id])] = -math.inf
+        never = [self.t.image_id, self.t.bos_id, self.t.pad_id, self.tok.unk_token_id]
+        logits[never + ([] if allow else [self.t.soi_id])] = -math.inf  # pad, unk: invisible
         return logits
 
     def generate_text(self, max_new, sampling=None, generator=None):
@@ -433,6 +434,29 @@ def test_min_new_tokens_holds_back_the_stop_tokens(fp64):
             model.image_tokens.head.bias[0] = 0.0
     assert len(got.token_ids) == 4 and got.token_ids[-1] == t.soi_id and got.image_opened
     assert not {t.soi_id, t.eos_id} & set(got.token_ids[:3])
+
+
+def test_padding_and_unknown_tokens_are_never_generated(fp64):
+    """A turn of ``<pad>`` / ``<unk>`` would decode to nothing (an invisible empty turn):
+    even when they are the most likely tokens, text generation writes visible words."""
+    model, tok = fp64
+    quiet = [model.config.tokens.pad_id, tok.unk_token_id]
+    boost = torch.zeros(len(tok), dtype=torch.float64)
+    boost[quiet] = 1e4
+    hook = model.llm.get_output_embeddings().register_forward_hook(
+        lambda mod, args, out: out + boost[: out.shape[-1]])
+    try:
+        session = InterleavedSession(model)
+        session.add_text("a red circle")
+        got = session.generate_text(3, allow_image=False)
+        beam = InterleavedSession(model)
+        beam.add_text("a red circle")
+        got_beam = beam.generate_text(3, allow_image=False, num_beams=2)
+    finally:
+        hook.remove()
+    for result in (got, got_beam):
+        assert not set(quiet) & set(result.token_ids), result
+        assert result.text.strip()
 
 
 def test_stopping_a_stream_early_keeps_the_document_consistent(fp64):

@@ -71,9 +71,52 @@ def test_our_format_and_reproducible_images(saved, tmp_path):
     assert len(images) == 2 and all(isinstance(x, torch.Tensor) for x in images)
     for (x, _), (y, _) in zip(docs[1], again[1], strict=True):   # same seed, same images
         assert x == y if isinstance(x, str) else torch.equal(x, y)
+    # the interleaved request: the prompt, then each of its 2 turns wrote text (this model
+    # opens no image); an untrained model's favourite tokens are <pad> and <unk>, which
+    # would decode to nothing: they are never generated
     interleaved = docs[0]
-    flags = [g for _, g in interleaved]   # the prompt, then whatever the model wrote
-    assert flags[:2] == [False, False] and all(flags[2:])
+    assert [g for _, g in interleaved] == [False, False, True, True]
+    assert all(isinstance(x, str) and x.strip() for x, _ in interleaved[2:])
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert [(r["turns"], r["turns_done"]) for r in results] == [(2, 2), (2, 2)]
+
+
+def _stopper(saved, out):
+    """The saved model made to end every document at once: all text logits equal (0), so
+    greedy decoding takes the lowest allowed id, ``</s>`` (``<pad>``, ``<s>`` are masked)."""
+    model = MMInterleaved.from_pretrained(saved / "model")
+    with torch.no_grad():
+        model.llm.get_output_embeddings().weight.zero_()
+        model.image_tokens.head.weight.zero_()
+        model.image_tokens.head.bias.fill_(-1e4)          # <soi> never
+    assert model.tokenizer.convert_ids_to_tokens(2) == "</s>"
+    model.save_pretrained(out)
+    return out
+
+
+def test_under_delivery_and_unknown_words_are_reported(saved, tmp_path, caplog):
+    model = _stopper(saved, tmp_path / "stop")
+    reqs = [{"items": ["a purple hexagon on the left", {"image": str(saved / "x.png")}],
+             "generate": "interleaved", "turns": 2},
+            {"items": [{"image": str(saved / "x.png")}], "generate": "text", "turns": 3}]
+    (tmp_path / "r.json").write_text(json.dumps(reqs))
+    with caplog.at_level("WARNING", logger="generate"):
+        docs = generate.main(["--model", str(model), "--input", str(tmp_path / "r.json"),
+                              "--out", str(tmp_path / "o"), "--max-new-tokens", "3"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings[0] == ("request 0: 2 word(s) not in the model's vocabulary, read as "
+                           "<unk>: 'purple', 'hexagon'")
+    assert warnings[1] == ("request 0: asked for 2 interleaved turn(s), 0 produced text or "
+                           "an image: the model ended the document (</s>) in turn 1")
+    # a text request after an image writes at least one token per turn, then the model
+    # ends the document: 1 of 3 turns, said so
+    assert warnings[2] == ("request 1: asked for 3 text turn(s), 1 produced text or an "
+                           "image: the model ended the document (</s>) in turn 1")
+    assert len(warnings) == 3
+    assert [g for _, g in docs[0]] == [False, False] and [g for _, g in docs[1]] == [False, True]
+    assert docs[1][1][0] == "."                         # the lowest visible id
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [(r["turns"], r["turns_done"]) for r in results] == [(2, 0), (3, 1)]
 
 
 def test_refuses_bad_input_and_writes_nothing(saved, tmp_path):
