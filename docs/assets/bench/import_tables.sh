@@ -10,9 +10,7 @@ imp() { python recipes/plot_benchmarks.py import-md "$@"; }
 imp docs/benchmarks.md --suite ops --tables 0 \
   --command "python recipes/benchmark.py ops --threads 1 --repeats 2 --only detr mmfs1 mmfs4 mmfs16 mmfs16_n2048 mmfs30 unet" \
   --date "2026-11-29" --machine "shared x86_64 2-core VM, torch 2.13.0+cpu, fp32, 1 thread per implementation"
-imp docs/benchmarks_sync.md --suite sync --tables 0 1 --titles "features projected inside" "values precomputed" \
-  --command "python recipes/benchmark.py sync --repeats 3 --threads 1 [--precomputed]" \
-  --date "2026-11-29 13:47-13:57 UTC" --machine "shared 2-core AMD EPYC VM (AVX-512), torch 2.13.0+cpu, load average 3.3-4.0"
+# sync.json: the two --json runs of 2026-12-08 merged (one table each), see docs/benchmarks_sync.md
 # llm.json: written by the run itself (benchmark.py --json), see docs/benchmarks_llm.md
 imp docs/benchmarks_vision.md --suite vision --tables 0 1 2 \
   --titles "width 256, auto backend" "width 256, reference backend" "width 384, auto backend" \
