@@ -1,0 +1,219 @@
+"""Run the paper's zero-shot benchmarks on a saved model and score them.
+
+    python recipes/evaluate.py --model out/model --tasks coco_caption,vqav2 \\
+        --data-root data/eval --out eval/
+
+Each task reads ``<data-root>/<task>/annotations.json`` (the layout in
+``mmlayers.evaluation.readers`` and docs/evaluation.md), prompts the model with the
+official template and decoding settings (``mmlayers.evaluation.TASKS``; ``--max-new-tokens``,
+``--num-beams`` and ``--steps`` override them for quick runs), and scores the predictions:
+CIDEr-D and BLEU-4 for captions (METEOR when Java and pycocoevalcap are installed), VQA
+accuracy after the official answer extraction, and generated images written to disk for
+text-to-image. Predictions are appended to ``<out>/<task>/predictions.jsonl`` as they are
+made, so a re-run with the same ``--out`` generates only the missing ones. Writes
+``<out>/results.json`` (settings, scores, and every optional metric that was skipped with
+the reason) and ``<out>/results.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from mmlayers.evaluation import (
+    IMAGE,
+    bleu,
+    cider_d,
+    extract_vqa_answer,
+    get_task,
+    read_task_items,
+    render_prompt,
+    vqa_accuracy,
+)
+from mmlayers.models import InterleavedSession, MMInterleaved
+
+logger = logging.getLogger("evaluate")
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="directory written by save_pretrained")
+    p.add_argument("--tasks", required=True, help="comma-separated task names")
+    p.add_argument("--data-root", required=True, help="directory with one folder per task")
+    p.add_argument("--out", required=True, help="output directory (re-use it to resume)")
+    p.add_argument("--max-items", type=int, default=None, help="first N items of each task")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's")
+    p.add_argument("--num-beams", type=int, default=None, help="override the task's")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (override)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    args.tasks = [get_task(t.strip()) for t in args.tasks.split(",") if t.strip()]
+    if not args.tasks:
+        raise ValueError("--tasks names no task")
+    return args
+
+
+def prompt_session(session, pieces, image_path=None):
+    """Start a fresh document with the rendered prompt (IMAGE → the item's image)."""
+    session.reset()
+    for piece in pieces:
+        if piece == IMAGE:
+            if image_path is None:
+                return  # text-to-image: the image is what gets generated
+            session.add_image(Image.open(image_path).convert("RGB"))
+        else:
+            session.add_text(piece)
+
+
+def predict(session, task, item, args, out_dir):
+    """One prediction: generated text (caption, VQA) or the path of a generated image."""
+    if task.kind == "text_to_image":
+        prompt_session(session, render_prompt(task, caption=item["caption"]))
+        gen = torch.Generator().manual_seed(args.seed)
+        steps = args.steps or task.image.num_inference_steps
+        image = session.generate_image(num_inference_steps=steps,
+                                       guidance_scale=task.image.guidance_scale, generator=gen)
+        path = out_dir / "images" / f"{item['id']}.png"
+        path.parent.mkdir(exist_ok=True)
+        image.save(path)
+        return str(path)
+    question = item.get("question")
+    prompt_session(session, render_prompt(task, question=question), item["image"])
+    t = task.text
+    result = session.generate_text(
+        max_new_tokens=args.max_new_tokens or t.max_new_tokens,
+        num_beams=args.num_beams or t.num_beams, length_penalty=t.length_penalty,
+        repetition_penalty=t.repetition_penalty, allow_image=False,
+        min_new_tokens=min(t.min_length, args.max_new_tokens or t.min_length))
+    return result.text.strip()
+
+
+def load_cache(path):
+    done = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[rec["id"]] = rec["prediction"]
+    return done
+
+
+def meteor(candidates, references):
+    """METEOR through pycocoevalcap's Java scorer, or (None, why it was skipped)."""
+    if shutil.which("java") is None:
+        return None, "Java is not installed (METEOR 1.5 is a Java program)"
+    try:
+        from pycocoevalcap.meteor.meteor import Meteor
+    except ImportError:
+        return None, "pycocoevalcap is not installed"
+    from mmlayers.evaluation import ptb_tokenize
+    gts = {k: [ptb_tokenize(r) for r in v] for k, v in references.items()}
+    res = {k: [ptb_tokenize(v)] for k, v in candidates.items()}
+    try:
+        return float(Meteor().compute_score(gts, res)[0]), None
+    except Exception as e:  # the Java subprocess can fail in many ways; report it
+        return None, f"the METEOR scorer failed: {e!r}"
+
+
+def score(task, items, preds):
+    """→ (scores, skipped: metric → reason)."""
+    skipped = {}
+    if task.kind == "caption":
+        cands = {str(it["id"]): preds[it["id"]] for it in items}
+        refs = {str(it["id"]): list(it["references"]) for it in items}
+        scores = {"CIDEr-D": cider_d(cands, refs), "BLEU-4": bleu(cands, refs, n=4)}
+        value, why = meteor(cands, refs)
+        if why is None:
+            scores["METEOR"] = value
+        else:
+            skipped["METEOR"] = why
+        skipped["SPICE"] = ("needs Stanford CoreNLP models that pycocoevalcap downloads on "
+                            "first use; nothing is downloaded at run time")
+        return scores, skipped
+    if task.kind == "vqa":
+        accs = [vqa_accuracy(extract_vqa_answer(preds[it["id"]]), it["answers"],
+                             style=task.vqa_style) for it in items]
+        return {"VQA accuracy": sum(accs) / len(accs)}, skipped
+    skipped["FID"] = ("not computed by this recipe yet: the generated images are in "
+                      "<out>/<task>/images, the statistics go to "
+                      "mmlayers.evaluation.frechet_distance")
+    skipped["CLIP score"] = "not computed by this recipe yet"
+    return {"images": len(items)}, skipped
+
+
+def run_task(model, task, args, out):
+    if task.kind == "visdial":
+        return {"skipped": {"NDCG": "option scoring (the official generate_scores mode) is "
+                                    "not implemented in this recipe yet"}}
+    items = read_task_items(args.data_root, task.name, task.kind)[: args.max_items]
+    task_dir = out / task.name
+    task_dir.mkdir(parents=True, exist_ok=True)
+    cache = task_dir / "predictions.jsonl"
+    preds = load_cache(cache)
+    todo = [it for it in items if it["id"] not in preds]
+    logger.info("%s: %d items, %d cached, %d to generate", task.name, len(items),
+                len(items) - len(todo), len(todo))
+    session = InterleavedSession(model)
+    try:
+        from tqdm import tqdm
+        todo_iter = tqdm(todo, desc=task.name, disable=None)
+    except ImportError:
+        todo_iter = todo
+    with torch.no_grad(), cache.open("a") as f:
+        for it in todo_iter:
+            preds[it["id"]] = predict(session, task, it, args, task_dir)
+            f.write(json.dumps({"id": it["id"], "prediction": preds[it["id"]]}) + "\n")
+            f.flush()
+    scores, skipped = score(task, items, preds)
+    return {"items": len(items), "generated_now": len(todo), "scores": scores,
+            "skipped": skipped,
+            "settings": {"text": vars(task.text) if task.text else None,
+                         "image": vars(task.image) if task.image else None,
+                         "overrides": {"max_new_tokens": args.max_new_tokens,
+                                       "num_beams": args.num_beams, "steps": args.steps}},
+            "predictions": {str(it["id"]): preds[it["id"]] for it in items}}
+
+
+def markdown(results):
+    lines = ["| task | items | scores | skipped |", "|---|---|---|---|"]
+    for name, r in results.items():
+        scores = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                           for k, v in r.get("scores", {}).items())
+        skipped = ", ".join(r.get("skipped", {}))
+        lines.append(f"| {name} | {r.get('items', 0)} | {scores} | {skipped} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    args = parse(argv)
+    if not (Path(args.model) / "config.json").is_file():
+        raise ValueError(f"--model {args.model!r} has no config.json (a directory written by "
+                         "MMInterleaved.save_pretrained is expected)")
+    for task in args.tasks:  # check every data file before loading the model
+        if task.kind != "visdial":
+            read_task_items(args.data_root, task.name, task.kind)
+    model = MMInterleaved.from_pretrained(args.model, train_policy=False).to(args.device).eval()
+    if model.tokenizer is None:
+        raise ValueError(f"--model {args.model!r} was saved without a tokenizer")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {t.name: run_task(model, t, args, out) for t in args.tasks}
+    report = {"model": os.path.abspath(args.model), "seed": args.seed, "tasks": results}
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    (out / "results.md").write_text(markdown(results))
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)
