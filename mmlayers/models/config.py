@@ -134,8 +134,10 @@ class DecoderConfig:
         freeze_unet: keep the UNet frozen.
         zero_init_cross_attention: for a random-init UNet, start every cross-attention
             output projection (and a pooled text embedding, ``addition_embed_type="text"``)
-            at zero, so the UNet ignores the context until it learns to use it (a context it
-            cannot use yet would otherwise be pushed to a constant).
+            at zero, so the UNet ignores the context until it learns to use it. Measured on
+            the shapes demo's image decoder trained alone on a prompt's words, it kept the
+            context encoder from learning to read them (no gradient reaches the encoder at
+            first): asked colour 19 % after 800 steps with it, 96 % after 600 without.
         image_size: side of the images the UNet / VAE see (pixels).
         context_queries: output tokens of the [`ImageContextEncoder`][mmlayers.adapters.context.ImageContextEncoder] (77).
         context_hidden: its resampler width (1024).
