@@ -28,13 +28,13 @@ from mmlayers.data.shapes import (
     SIZES,
     ImageScore,
     ShapeAttributes,
-    ShapesCorpus,
     caption_matches,
     describe_image,
     parse_caption,
     render_shapes,
     score_image,
 )
+from mmlayers.data.shapes_corpus import ShapesCorpus
 from mmlayers.data.streaming import Mixture, ReadStats, ShardedSource, data_slot
 from mmlayers.data.tokenizer import (
     IMAGE_TOKEN,
