@@ -14,7 +14,7 @@ import pytest
 
 API = Path(__file__).resolve().parents[1] / "docs" / "api"
 NAMESPACES = ["mmlayers", "mmlayers.adapters", "mmlayers.models", "mmlayers.layers",
-              "mmlayers.ops", "mmlayers.data"]
+              "mmlayers.ops", "mmlayers.data", "mmlayers.evaluation"]
 STUB = re.compile(r"^::: *([\w.]+)[^\n]*\n((?:[ \t]+[^\n]*\n)*)", flags=re.M)
 
 

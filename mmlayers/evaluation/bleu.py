@@ -31,7 +31,7 @@ def bleu(candidates: Mapping, references: Mapping, *, n: int = 4, tokenize: bool
         candidates: id → one generated caption.
         references: id → list of reference captions; the same ids as ``candidates``.
         n: largest n-gram order (4 gives BLEU-4).
-        tokenize: apply :func:`~mmlayers.evaluation.ptb_tokenize` first (as
+        tokenize: apply [`ptb_tokenize`][mmlayers.evaluation.tokenize.ptb_tokenize] first (as
             ``COCOEvalCap`` does); ``False`` splits the texts on spaces as they are.
 
     Returns:

@@ -50,7 +50,7 @@ def cider_d(
     Args:
         candidates: id → one generated caption.
         references: id → list of reference captions; the same ids as ``candidates``.
-        tokenize: apply :func:`~mmlayers.evaluation.ptb_tokenize` first (as
+        tokenize: apply [`ptb_tokenize`][mmlayers.evaluation.tokenize.ptb_tokenize] first (as
             ``COCOEvalCap`` does); ``False`` splits the texts on spaces as they are.
         n: largest n-gram order.
         sigma: width of the Gaussian length penalty.

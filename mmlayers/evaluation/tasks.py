@@ -4,11 +4,11 @@ Read from the official MM-Interleaved evaluation (``configs/release/mm_eval.yaml
 collators' defaults and ``MMInterleaved.generate_*``). Prompts are templates in which
 ``{image}`` stands for ``<soi><image>×k`` and ``{question}`` for the question; the
 official code formats ``f"{system} {user} {assistant}".strip()``, which
-:func:`render_prompt` reproduces as a list of text and image items.
+[`render_prompt`][mmlayers.evaluation.tasks.render_prompt] reproduces as a list of text and image items.
 
 Official quirks kept and documented here: the VQA answer extraction
-(:func:`extract_vqa_answer`) cuts at substrings such as ``"a "`` anywhere in the text,
-and the VisDial context (:func:`visdial_prompt`) leaves out the round just before the
+([`extract_vqa_answer`][mmlayers.evaluation.tasks.extract_vqa_answer]) cuts at substrings such as ``"a "`` anywhere in the text,
+and the VisDial context ([`visdial_prompt`][mmlayers.evaluation.tasks.visdial_prompt]) leaves out the round just before the
 asked one.
 """
 
@@ -174,7 +174,7 @@ def get_task(name: str) -> EvalTask:
 
 def render_prompt(task: EvalTask, *, question: str | None = None,
                   caption: str | None = None) -> list[str]:
-    """The task's prompt as text pieces with :data:`IMAGE` where the image goes.
+    """The task's prompt as text pieces with [`IMAGE`][mmlayers.evaluation.tasks.IMAGE] where the image goes.
 
     Args:
         task: the task.
@@ -182,7 +182,7 @@ def render_prompt(task: EvalTask, *, question: str | None = None,
         caption: the caption to draw (text-to-image tasks).
 
     Returns:
-        Text pieces and :data:`IMAGE` markers, empty pieces dropped, each piece stripped
+        Text pieces and [`IMAGE`][mmlayers.evaluation.tasks.IMAGE] markers, empty pieces dropped, each piece stripped
         of surrounding spaces (the official text joins them with one space).
 
     Raises:
@@ -260,7 +260,7 @@ def extract_vqa_answer(text: str) -> str:
         text: the generated answer.
 
     Returns:
-        The answer passed to :func:`~mmlayers.evaluation.vqa_accuracy`.
+        The answer passed to [`vqa_accuracy`][mmlayers.evaluation.vqa.vqa_accuracy].
 
     Examples:
         >>> extract_vqa_answer("The answer is a red circle. It is big")

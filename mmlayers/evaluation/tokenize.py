@@ -4,7 +4,7 @@ The COCO caption evaluation (``pycocoevalcap.tokenizer.PTBTokenizer``) runs the 
 CoreNLP 3.4.1 ``PTBTokenizer`` in Java with ``-preserveLines -lowerCase`` and then drops
 the tokens ``'' ' `` ` . ? ! , : - -- ... ;`` (and the upper-case bracket names
 ``-LRB-`` …, which never occur after lower-casing, so the lower-case ``-lrb-`` tokens
-survive). :func:`ptb_tokenize` reproduces that pipeline for the text captions are made of:
+survive). [`ptb_tokenize`][mmlayers.evaluation.tokenize.ptb_tokenize] reproduces that pipeline for the text captions are made of:
 lower-casing, splitting off punctuation, quotes, brackets and ``$``, splitting
 contractions (``don't`` → ``do n't``, ``can't`` → ``ca n't``), keeping hyphenated words,
 numbers such as ``1,000`` and ``3:30``, and abbreviations such as ``u.s.`` or ``mr.``

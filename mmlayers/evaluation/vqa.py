@@ -108,7 +108,7 @@ def vqa_accuracy(answer: str, human_answers: Sequence[str], *, style: str = "vqa
     by 1 scores 0.3).
     Before comparing, answers have tabs/newlines turned into spaces and are stripped.
 
-    Normalisation (:func:`normalize_vqa_answer`) differs by evaluation:
+    Normalisation ([`normalize_vqa_answer`][mmlayers.evaluation.vqa.normalize_vqa_answer]) differs by evaluation:
 
     - ``style="vqav2"`` (VQAv2, OK-VQA, TextVQA; ``GT-Vision-Lab/VQA``): the prediction
       and the human answers are normalised **only when the human answers are not all
