@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mmlayers._optional import require
 from mmlayers.layers.hf_vit import as_vit_backbone
 from mmlayers.layers.posembed import (
     accept_stored_table,
@@ -217,6 +218,7 @@ class VisualTokenizer(nn.Module):
     def from_config(cls, config, *, freeze_vit: bool = True, **kwargs) -> VisualTokenizer:
         """Build a randomly initialised ViT from a ``transformers`` vision config
         (``CLIPVisionConfig``, ``SiglipVisionConfig``, ``ViTConfig``) and wrap it."""
+        require("transformers", "hf")
         from transformers import AutoModel
 
         model = cls(AutoModel.from_config(config), **kwargs)
@@ -231,7 +233,7 @@ class VisualTokenizer(nn.Module):
         (``CLIPVisionModel`` / ``SiglipVisionModel``); other models load through
         ``AutoModel``. ``model_cls`` forces a class.
         """
-        import transformers
+        transformers = require("transformers", "hf")
 
         if model_cls is None:
             model_type = transformers.AutoConfig.from_pretrained(path, local_files_only=True).model_type

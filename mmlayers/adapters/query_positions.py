@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmlayers._optional import require
 from mmlayers.layers.posembed import sincos_2d
 
 __all__ = ["CrossAttentionPositions", "add_cross_attention_positions"]
@@ -82,6 +83,7 @@ class CrossAttentionPositions:
     """
 
     def __init__(self, unet: nn.Module, base_size: tuple[int, int]) -> None:
+        require("diffusers", "diffusion")
         from diffusers.models.transformers.transformer_2d import Transformer2DModel
 
         self.unet, self.base_size = unet, base_size

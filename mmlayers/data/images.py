@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from mmlayers._optional import require
 from mmlayers.data.document import image_to_tensor, is_image
 
 __all__ = ["as_rgb_tensor", "read_image", "to_pil"]
@@ -28,6 +29,7 @@ def read_image(path: str | os.PathLike) -> torch.Tensor:
     Raises:
         ValueError: the file is missing or not a readable image (the path is named).
     """
+    require("PIL", "data")
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -44,6 +46,7 @@ def to_pil(image: torch.Tensor):
         >>> to_pil(torch.zeros(3, 2, 4)).size
         (4, 2)
     """
+    require("PIL", "data")
     from PIL import Image
 
     x = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()

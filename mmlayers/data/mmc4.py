@@ -38,6 +38,7 @@ import zipfile
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from mmlayers._optional import require
 from mmlayers.data.document import Document
 from mmlayers.data.streaming import ReadStats
 
@@ -68,6 +69,7 @@ def load_image(source: Any, image_size: int | None) -> Any:
         >>> tuple(t.shape), round(float(t[0].mean()), 3)
         ((3, 6, 6), 1.0)
     """
+    require("PIL", "data")
     from PIL import Image
 
     from mmlayers.data.document import image_to_tensor

@@ -23,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from mmlayers._optional import require
+
 __all__ = ["IMAGE_TOKEN", "SOI_TOKEN", "ensure_image_tokens", "image_token_ids",
            "word_level_tokenizer"]
 
@@ -54,6 +56,7 @@ def word_level_tokenizer(texts: Iterable[str], *, model_max_length: int = 2048) 
         >>> tok.decode(ids), tok("red").input_ids, image_token_ids(tok)
         ('a red circle on the left.', [1, 11], (4, 5))
     """
+    require("transformers", "data")
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 

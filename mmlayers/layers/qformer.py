@@ -35,6 +35,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from mmlayers._optional import require
+
 __all__ = ["QFormerResampler"]
 
 
@@ -109,6 +111,7 @@ class QFormerResampler(nn.Module):
         for name, v in (("dropout", dropout), ("attention_dropout", attention_dropout)):
             if not 0.0 <= v < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+        require("transformers", "hf")
         from transformers import Blip2QFormerConfig, Blip2QFormerModel
 
         self.dim, self.num_queries, self.num_heads = dim, num_queries, num_heads

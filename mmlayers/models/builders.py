@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mmlayers._optional import require
 from mmlayers.models.config import DecoderConfig, LLMConfig, MMInterleavedConfig, VisionConfig
 
 __all__ = ["build_decoder", "build_llm", "build_scheduler", "build_visual",
@@ -35,6 +36,7 @@ def _hf_config(config: dict, what: str):
 
 def build_llm(cfg: LLMConfig) -> nn.Module:
     """A causal LM: ``AutoModelForCausalLM.from_pretrained(path)`` or random from ``config``."""
+    require("transformers", "hf")
     from transformers import AutoModelForCausalLM
 
     if cfg.path is not None:
@@ -63,7 +65,7 @@ def build_visual(cfg: VisionConfig, *, llm_dim: int) -> nn.Module:
 
 def build_scheduler(cfg: DecoderConfig, *, inference: bool = False):
     """The training scheduler (or the sampling one, same config, ``inference_scheduler``)."""
-    import diffusers
+    diffusers = require("diffusers", "diffusion")
 
     if cfg.path is not None:
         base = diffusers.DDPMScheduler.from_pretrained(cfg.path, subfolder="scheduler",
@@ -86,6 +88,7 @@ def _negative_from_text_encoder(path: str) -> torch.Tensor | None:
     if not (os.path.isdir(enc_dir) and os.path.isdir(tok_dir)):
         logger.info("no text_encoder/ and tokenizer/ in %s: negative embedding stays random", path)
         return None
+    require("transformers", "diffusion")
     from transformers import AutoTokenizer, CLIPTextModel
 
     tok = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
@@ -104,6 +107,7 @@ def build_decoder(cfg: DecoderConfig, *, context_dim: int, value_dim: int,
         a dict with ``unet``, ``vae`` (or ``None``), ``scheduler``, ``inference_scheduler``,
         ``context_encoder`` and ``unet_sync``.
     """
+    require("diffusers", "diffusion")
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from mmlayers.adapters.context import ImageContextEncoder

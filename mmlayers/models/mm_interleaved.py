@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmlayers._optional import require
 from mmlayers.adapters.context import image_contexts
 from mmlayers.adapters.diffusion_objective import diffusion_loss
 from mmlayers.adapters.image_tokens import ImageTokens
@@ -420,6 +421,7 @@ class MMInterleaved(GenerationMixin, nn.Module):
         tokenizer = None
         tok_dir = os.path.join(directory, _TOKENIZER)
         if os.path.isdir(tok_dir):
+            require("transformers", "hf")
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from mmlayers._optional import require
 from mmlayers.adapters.context import image_contexts
 from mmlayers.adapters.diffusion_sampling import ImageGenerator
 from mmlayers.data.images import as_rgb_tensor, to_pil
@@ -380,7 +381,7 @@ class InterleavedSession(TurnsMixin):
         if scheduler is None:
             key, sched = "", m.inference_scheduler
         elif isinstance(scheduler, str):
-            import diffusers
+            diffusers = require("diffusers", "diffusion")
 
             cls = getattr(diffusers, scheduler, None)
             if cls is None or not hasattr(cls, "from_config"):
