@@ -10,7 +10,7 @@ imported by ``import mmlayers``; the metrics need only the standard library and 
 
 from mmlayers.evaluation.bleu import bleu
 from mmlayers.evaluation.cider import cider_d
-from mmlayers.evaluation.frechet import frechet_distance
+from mmlayers.evaluation.frechet import feature_statistics, frechet_distance
 from mmlayers.evaluation.readers import (
     LAYOUT,
     coco_captions_items,
@@ -45,6 +45,7 @@ __all__ = [
     "cider_d",
     "coco_captions_items",
     "extract_vqa_answer",
+    "feature_statistics",
     "frechet_distance",
     "get_task",
     "karpathy_items",

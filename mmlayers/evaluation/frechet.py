@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["frechet_distance"]
+__all__ = ["feature_statistics", "frechet_distance"]
 
 
 def _as_float64(x, name: str, ndim: int) -> torch.Tensor:
@@ -75,3 +75,31 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     tr_covmean = eig.clamp_min(0).sqrt().sum()
     diff = m1 - m2
     return float(diff @ diff + s1.trace() + s2.trace() - 2 * tr_covmean)
+
+
+def feature_statistics(features) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of a feature set, the statistics FID compares.
+
+    The covariance is the unbiased one (divided by n − 1), as ``numpy.cov(...,
+    rowvar=False)`` and the FID reference compute it; float64 throughout.
+
+    Args:
+        features: (n, d) features, e.g. Inception pool features of n images; n ≥ 2.
+
+    Returns:
+        ``(mu, sigma)``: (d,) and (d, d) float64 tensors.
+
+    Raises:
+        ValueError: if ``features`` is not 2-D with at least two rows, or has NaN/inf.
+
+    Examples:
+        >>> mu, sigma = feature_statistics([[0.0, 1.0], [2.0, 3.0]])
+        >>> mu.tolist(), sigma.tolist()
+        ([1.0, 2.0], [[2.0, 2.0], [2.0, 2.0]])
+    """
+    x = _as_float64(features, "features", 2)
+    if x.shape[0] < 2:
+        raise ValueError(f"feature_statistics needs at least 2 rows, got shape {tuple(x.shape)}")
+    mu = x.mean(0)
+    centred = x - mu
+    return mu, centred.T @ centred / (x.shape[0] - 1)

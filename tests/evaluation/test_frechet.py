@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlayers.evaluation import frechet_distance
+from mmlayers.evaluation import feature_statistics, frechet_distance
 
 
 def _scipy_reference(mu1, s1, mu2, s2):
@@ -61,3 +61,16 @@ def test_bad_shapes():
         frechet_distance(np.zeros(3), np.zeros(3), np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match="NaN"):
         frechet_distance(np.zeros(2), np.eye(2) * np.nan, np.zeros(2), np.eye(2))
+
+
+def test_feature_statistics_equal_numpy_and_feed_the_distance():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(size=(300, 8)), rng.normal(size=(200, 8)) * 1.5 + 0.2
+    mu, sigma = feature_statistics(a)
+    assert np.allclose(mu.numpy(), a.mean(0), rtol=0, atol=1e-14)
+    assert np.allclose(sigma.numpy(), np.cov(a, rowvar=False), rtol=1e-12, atol=1e-14)
+    want = _scipy_reference(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    assert frechet_distance(*feature_statistics(a), *feature_statistics(b)) == pytest.approx(
+        want, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        feature_statistics(np.zeros((1, 3)))
