@@ -6,7 +6,10 @@
 Writes ``<out_dir>/metrics.jsonl`` (one JSON record per log / eval), checkpoints under
 ``<out_dir>/checkpoints/step_NNNNNN`` (model safetensors + optimizer, LR schedule, RNG and
 data position; written to a temporary directory, then ``os.replace``) and the final model
-under ``<out_dir>/model``. ``--resume`` continues from ``checkpoints/latest`` exactly.
+under ``<out_dir>/model``. ``--resume`` continues from ``checkpoints/latest`` exactly. The
+config is checked before anything runs (``_config_check.py``: unknown keys, types, an
+``out_dir`` that holds a previous run) and saved as ``<out_dir>/config.yaml``; Ctrl-C stops
+after the current step with a checkpoint and says how to resume.
 
 Several processes (DDP, FSDP, DeepSpeed; gloo on CPU) through ``accelerate``:
 
@@ -38,7 +41,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _checkpoint import load_checkpoint, save_checkpoint, save_model  # noqa: E402
+from _config_check import check_out_dir, load_config, writable_dir  # noqa: E402
 from _data import build_data  # noqa: E402
+from _interrupt import SigintStop  # noqa: E402
+from _logs import open_metrics, progress  # noqa: E402
 from _parallel import check_parallel, make_accelerator, noise_generator, prepare  # noqa: E402
 from _policy import checkpoint_unet, store_frozen_in  # noqa: E402
 from _report import caption_accuracy  # noqa: E402
@@ -52,21 +58,6 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shapes_tiny.yaml
 
 
 # ----------------------------------------------------------------------------- config
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> dict:
-    """YAML file + dotted ``key=value`` overrides (values parsed as YAML)."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f)
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} must look like key=value")
-        node, parts = cfg, key.split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value)
-    return cfg
-
-
 def _merge(base: dict, extra: dict) -> dict:
     out = dict(base)
     for k, v in (extra or {}).items():
@@ -157,6 +148,14 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     ``batch_size / W`` consecutive samples of it (rank order), so the samples of a step and,
     with ``train.noise: per_batch``, their noise do not depend on ``W``. Only the main
     process writes logs and checkpoints."""
+    sigint = SigintStop(enabled=int(os.environ.get("WORLD_SIZE", "1")) == 1)
+    try:
+        return _train(cfg, resume, sigint)
+    finally:
+        sigint.restore()
+
+
+def _train(cfg: dict, resume: bool, sigint: SigintStop) -> dict:
     t = cfg["train"]
     t.setdefault("noise", "stream")
     if t.get("threads"):
@@ -174,7 +173,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
     random.seed(t["seed"])
     out = Path(t["out_dir"])
     if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
+        writable_dir(out).joinpath("config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     model, tokenizer, collate = build(cfg)
     data, held_out = build_data(cfg, tokenizer, collate, micro_batch=mb, rank=rank, world=world)
     if t["eval_every"] and held_out is None:
@@ -196,10 +195,10 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         logger.info("resumed from step %d (%d samples consumed)", step, samples)
     params = [p for g in opt.param_groups for p in g["params"]]
     history = []
-    metrics = _open_metrics(out / "metrics.jsonl", step, resume) if acc.is_main_process else None
+    metrics = open_metrics(out / "metrics.jsonl", step, resume) if acc.is_main_process else None
     start, stop = time.perf_counter(), min(t["steps"], step + (t["stop_after"] or t["steps"]))
-    bar = _progress(acc, step, stop)
-    stopped_by_time = False
+    bar = progress(acc, step, stop)
+    stopped_by_time = interrupted = False
     while step < stop:
         sums = {"loss": 0.0, "text_loss": 0.0, "image_loss": 0.0}
         for a in range(accum):
@@ -232,7 +231,9 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
         out_of_time = t["time_limit"] is not None and time.perf_counter() - start > t["time_limit"]
         if t["time_limit"] is not None and world > 1:           # every process stops together
             out_of_time = bool(acc.reduce(torch.tensor([float(out_of_time)], device=dev), "max"))
-        if acc.is_main_process and (step % t["log_every"] == 0 or step == stop or out_of_time):
+        interrupted = sigint.requested
+        halt = out_of_time or interrupted
+        if acc.is_main_process and (step % t["log_every"] == 0 or step == stop or halt):
             logger.info("step %d/%d loss %.4f text %.4f image %.4f lr %.2e (%.0fs)", step,
                         t["steps"], sums["loss"], sums["text_loss"], sums["image_loss"],
                         record["lr"], record["seconds"])
@@ -244,7 +245,7 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             logger.info("eval %s", {k: round(v, 4) for k, v in ev.items()})
             metrics.write(json.dumps(ev) + "\n")
             metrics.flush()
-        if step % t["save_every"] == 0 or step == stop or out_of_time:
+        if step % t["save_every"] == 0 or step == stop or halt:
             save_checkpoint(out, step, samples, acc, model, opt, sched, gen, data,
                             t["keep_checkpoints"])
         if out_of_time:
@@ -252,37 +253,20 @@ def train(cfg: dict, *, resume: bool = False) -> dict:
             logger.info("time limit of %ss reached at step %d of %d", t["time_limit"], step,
                         stop)
             break
+        if interrupted:
+            break
+    sigint.restore()
     if bar is not None:
         bar.close()
     if acc.is_main_process:
         metrics.close()
+    if interrupted:
+        sigint.exit(out, step, stop)
     save_model(acc, model, out / "model")
     acc.wait_for_everyone()
     return {"model": core, "tokenizer": tokenizer, "held_out": held_out, "history": history,
             "seconds": time.perf_counter() - start, "steps": step, "planned_steps": stop,
             "stopped_by_time_limit": stopped_by_time}
-
-
-def _open_metrics(path: Path, step: int, resume: bool):
-    """``metrics.jsonl`` for this run: a new run starts an empty file; a resumed one keeps
-    the records up to the checkpoint's step (later ones came from the interrupted run)."""
-    kept = []
-    if resume and path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
-    f = open(path, "w")
-    f.writelines(line + "\n" for line in kept)
-    f.flush()
-    return f
-
-
-def _progress(acc, step: int, stop: int):
-    """A tqdm bar (rate, ETA) on an interactive terminal; ``None`` elsewhere (log lines)."""
-    if not acc.is_main_process or not sys.stderr.isatty():
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=stop, initial=step, desc="train", unit="step", dynamic_ncols=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,7 +277,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
-    train(load_config(args.config, args.overrides), resume=args.resume)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if int(os.environ.get("RANK", "0")) == 0:  # before any process writes there
+            check_out_dir(cfg["train"]["out_dir"], resume=args.resume)
+    except ValueError as err:
+        raise SystemExit(f"train.py: {err}") from None
+    train(cfg, resume=args.resume)
 
 
 if __name__ == "__main__":
