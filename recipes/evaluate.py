@@ -9,8 +9,10 @@ official template and decoding settings (``mmlayers.evaluation.TASKS``; ``--max-
 ``--num-beams`` and ``--steps`` override them for quick runs), and scores the predictions:
 CIDEr-D and BLEU-4 for captions (METEOR when Java and pycocoevalcap are installed), VQA
 accuracy after the official answer extraction, and generated images written to disk for
-text-to-image. Predictions are appended to ``<out>/<task>/predictions.jsonl`` as they are
-made, so a re-run with the same ``--out`` generates only the missing ones. Writes
+text-to-image (with their CLIP similarity to the caption and to the real image when
+``--clip`` names a local CLIP model). Predictions are appended to
+``<out>/<task>/predictions.jsonl`` as they are made, so a re-run with the same ``--out``
+generates only the missing ones. Writes
 ``<out>/results.json`` (settings, scores, and every optional metric that was skipped with
 the reason) and ``<out>/results.md``.
 """
@@ -32,6 +34,7 @@ from mmlayers.evaluation import (
     IMAGE,
     bleu,
     cider_d,
+    clip_similarity,
     extract_vqa_answer,
     get_task,
     read_task_items,
@@ -54,6 +57,9 @@ def parse(argv):
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's")
     p.add_argument("--num-beams", type=int, default=None, help="override the task's")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (override)")
+    p.add_argument("--clip", default=None,
+                   help="local transformers CLIP directory for the CLIP scores of generated "
+                        "images (the official evaluation uses clip-vit-large-patch14)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -125,7 +131,21 @@ def meteor(candidates, references):
         return None, f"the METEOR scorer failed: {e!r}"
 
 
-def score(task, items, preds):
+def clip_scores(clip_dir, items, preds):
+    """CLIP similarities of the generated images, or (None, why they were skipped)."""
+    if clip_dir is None:
+        return None, "no --clip directory given (a local transformers CLIP model)"
+    from transformers import CLIPModel, CLIPProcessor
+    model = CLIPModel.from_pretrained(clip_dir).eval()
+    processor = CLIPProcessor.from_pretrained(clip_dir)
+    images = [Image.open(preds[it["id"]]).convert("RGB") for it in items]
+    real = [it.get("image") for it in items]
+    refs = [Image.open(r).convert("RGB") for r in real] if all(real) else None
+    return clip_similarity(model, processor, images, texts=[it["caption"] for it in items],
+                           references=refs), None
+
+
+def score(task, items, preds, args):
     """→ (scores, skipped: metric → reason)."""
     skipped = {}
     if task.kind == "caption":
@@ -147,8 +167,13 @@ def score(task, items, preds):
     skipped["FID"] = ("not computed by this recipe yet: the generated images are in "
                       "<out>/<task>/images, the statistics go to "
                       "mmlayers.evaluation.frechet_distance")
-    skipped["CLIP score"] = "not computed by this recipe yet"
-    return {"images": len(items)}, skipped
+    scores = {"images": len(items)}
+    clip, why = clip_scores(args.clip, items, preds)
+    if why is None:
+        scores.update(clip)
+    else:
+        skipped["CLIP score"] = why
+    return scores, skipped
 
 
 def run_task(model, task, args, out):
@@ -174,7 +199,7 @@ def run_task(model, task, args, out):
             preds[it["id"]] = predict(session, task, it, args, task_dir)
             f.write(json.dumps({"id": it["id"], "prediction": preds[it["id"]]}) + "\n")
             f.flush()
-    scores, skipped = score(task, items, preds)
+    scores, skipped = score(task, items, preds, args)
     return {"items": len(items), "generated_now": len(todo), "scores": scores,
             "skipped": skipped,
             "settings": {"text": vars(task.text) if task.text else None,

@@ -10,6 +10,7 @@ imported by ``import mmlayers``; the metrics need only the standard library and 
 
 from mmlayers.evaluation.bleu import bleu
 from mmlayers.evaluation.cider import cider_d
+from mmlayers.evaluation.clip_similarity import clip_similarity
 from mmlayers.evaluation.frechet import feature_statistics, frechet_distance
 from mmlayers.evaluation.readers import (
     LAYOUT,
@@ -43,6 +44,7 @@ __all__ = [
     "TextGeneration",
     "bleu",
     "cider_d",
+    "clip_similarity",
     "coco_captions_items",
     "extract_vqa_answer",
     "feature_statistics",

@@ -45,17 +45,48 @@ def setup(tmp_path_factory):
             for i in range(3)]
     vqa = [{"id": 10 + i, "image": f"images/{i}.png", "question": "what colour is it ?",
             "answers": ["red"] * 6 + ["blue"] * 4} for i in range(3)]
-    t2i = [{"id": i, "caption": "a blue square on the right ."} for i in range(2)]
+    t2i = [{"id": i, "caption": "a blue square on the right .", "image": f"images/{i}.png"}
+           for i in range(2)]
+    (data / "coco_t2i" / "images").mkdir(parents=True)
+    for i in range(2):
+        to_pil(torch.rand(3, 32, 32, generator=g)).save(data / "coco_t2i" / "images" / f"{i}.png")
+    save_tiny_clip(root / "clip")
     for task, items in (("coco_caption", caps), ("vqav2", vqa), ("coco_t2i", t2i)):
         (data / task).mkdir(exist_ok=True)
         (data / task / "annotations.json").write_text(json.dumps({"task": task, "items": items}))
     return root
 
 
-def run(setup, out, tasks="coco_caption,vqav2,coco_t2i,visdial"):
+def save_tiny_clip(path):
+    """A random-init CLIP with a character-level tokenizer, saved like a real one."""
+    import transformers
+
+    path.mkdir()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in "abcdefghijklmnopqrstuvwxyz":
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    (path / "vocab.json").write_text(json.dumps(vocab))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    tok = transformers.CLIPTokenizer(str(path / "vocab.json"), str(path / "merges.txt"))
+    transformers.CLIPProcessor(
+        image_processor=transformers.CLIPImageProcessor(
+            size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tok).save_pretrained(path)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=64, bos_token_id=0, eos_token_id=1),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=32, patch_size=8),
+        projection_dim=8)
+    transformers.CLIPModel(cfg).save_pretrained(path)
+
+
+def run(setup, out, tasks="coco_caption,vqav2,coco_t2i,visdial", *extra):
     return evaluate.main(["--model", str(setup / "model"), "--tasks", tasks,
                           "--data-root", str(setup / "data"), "--out", str(out),
-                          "--max-new-tokens", "3", "--num-beams", "1", "--steps", "2"])
+                          "--max-new-tokens", "3", "--num-beams", "1", "--steps", "2", *extra])
 
 
 def test_scores_skips_and_resume(setup, tmp_path, monkeypatch):
@@ -86,6 +117,26 @@ def test_scores_skips_and_resume(setup, tmp_path, monkeypatch):
     cache.write_text("".join(cache.read_text().splitlines(keepends=True)[:2]))
     again = run(setup, tmp_path, "coco_caption")["tasks"]["coco_caption"]
     assert again["generated_now"] == 1 and again["predictions"] == cap["predictions"]
+
+
+def test_clip_scores_of_generated_images(setup, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from mmlayers.evaluation import clip_similarity
+
+    t2i = run(setup, tmp_path, "coco_t2i", "--clip", str(setup / "clip"))["tasks"]["coco_t2i"]
+    assert "CLIP score" not in t2i["skipped"]
+    ids = sorted(t2i["predictions"], key=int)
+    want = clip_similarity(
+        transformers.CLIPModel.from_pretrained(setup / "clip").eval(),
+        transformers.CLIPProcessor.from_pretrained(setup / "clip"),
+        [Image.open(t2i["predictions"][i]).convert("RGB") for i in ids],
+        texts=["a blue square on the right ."] * 2,
+        references=[Image.open(setup / "data" / "coco_t2i" / "images" / f"{i}.png")
+                    .convert("RGB") for i in ids])
+    assert t2i["scores"]["clip_text_image"] == pytest.approx(want["clip_text_image"])
+    assert t2i["scores"]["clip_image_image"] == pytest.approx(want["clip_image_image"])
 
 
 def test_bad_inputs_are_named(setup, tmp_path):
