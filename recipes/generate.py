@@ -24,9 +24,10 @@ A request that produces fewer turns than it asks for (the model ended the docume
 vocabulary (read as ``<unk>``) are warned about before generation. Text generation never
 picks ``<pad>`` or ``<unk>``, and each ``generate: text`` turn writes at least one token.
 
-Everything is checked (model directory, request file, every image) before any
-generation, and the output is written to a temporary directory that is renamed to
-``--out`` at the end, so a failed run leaves nothing half-written.
+Everything is checked (numeric options, that ``--out`` can be written, model directory,
+request file, every image) before any generation, and the output is written to a
+temporary directory that is renamed to ``--out`` at the end (missing parent directories
+are created then), so a failed run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -75,6 +76,15 @@ def parse(argv):
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = p.parse_args(argv)
+    for name, ok, what in (("max_new_tokens", lambda v: v >= 1, ">= 1"),
+                           ("min_new_tokens", lambda v: v >= 0, ">= 0"),
+                           ("repetition_penalty", lambda v: v > 0, "> 0"),
+                           ("steps", lambda v: v >= 1, ">= 1"), ("num_beams", lambda v: v >= 1, ">= 1"),
+                           ("temperature", lambda v: v > 0, "> 0"),
+                           ("top_p", lambda v: 0 < v <= 1, "in (0, 1]")):
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            p.error(f"--{name.replace('_', '-')} must be {what}, got {value}")
     official = {"max_new_tokens": 90, "min_new_tokens": 8, "repetition_penalty": 1.3,
                 "top_p": 0.9} if args.official else {}
     plain = {"max_new_tokens": 32, "min_new_tokens": 0, "repetition_penalty": 1.0}
@@ -90,6 +100,14 @@ def load(args):
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {str(out)!r} exists and is not an empty directory")
+    base = next(d for d in out.absolute().parents if d.exists())  # where it will be created
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as err:
+        raise ValueError(f"--out {str(out)!r} cannot be written ({str(base)!r}: "
+                         f"{err.strerror or err}); expected a path in a writable "
+                         f"directory") from None
     requests = read_generation_requests(args.input, official=args.official)
     if not (Path(args.model) / "config.json").is_file():
         raise ValueError(f"--model {args.model!r} has no config.json (a directory written by "
@@ -202,6 +220,7 @@ def warn_unknown_words(tokenizer, requests) -> None:
 
 def write(out: Path, docs, requests, done) -> None:
     e = html.escape
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     try:
         (tmp / "images").mkdir()

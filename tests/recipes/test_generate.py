@@ -178,3 +178,27 @@ def test_official_semantics_regenerate_last_image_and_texts_open_images(saved, t
                            str(saved / "official_sem.json"), "--out", str(tmp_path / "p"),
                            "--steps", "2", "--max-new-tokens", "3"])
     assert not any(isinstance(x, torch.Tensor) and g for x, g in plain[1])  # never opens one
+
+
+def test_refuses_unwritable_out_and_bad_numbers_before_loading(saved, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    out = tmp_path / "file" / "o"                          # below a regular file
+    with pytest.raises(SystemExit) as info:
+        run(saved, "ours.json", out)
+    assert str(info.value) == (f"generate.py: --out {str(out)!r} cannot be written "
+                               f"({str(tmp_path / 'file')!r}: Not a directory); expected a "
+                               f"path in a writable directory")
+    base = ["--model", "m", "--input", "i", "--out", "o"]
+    for flag, value, what in (("--top-p", "2", "in (0, 1], got 2.0"),
+                              ("--max-new-tokens", "0", ">= 1, got 0"),
+                              ("--steps", "0", ">= 1, got 0"),
+                              ("--temperature", "0", "> 0, got 0.0")):
+        with pytest.raises(SystemExit) as info:
+            generate.parse(base + [flag, value])
+        assert info.value.code == 2
+        assert capsys.readouterr().err.strip().endswith(f"error: {flag} must be {what}")
+    # an --out whose parent directories do not exist yet is created at the end
+    (tmp_path / "one.json").write_text(json.dumps([{"items": ["a red"], "generate": "text"}]))
+    generate.main(["--model", str(saved / "model"), "--input", str(tmp_path / "one.json"),
+                   "--out", str(tmp_path / "new" / "deeper" / "o"), "--max-new-tokens", "1"])
+    assert (tmp_path / "new" / "deeper" / "o" / "results.json").is_file()
