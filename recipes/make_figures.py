@@ -174,7 +174,9 @@ def sampling_points(path: Path, *, seed: int = 0) -> None:
     rows = [("LLM synchronizer: a text token, reference = image centre", llm, None),
             ("UNet synchronizer: pixel (4, 10) of a 16×16 query map", unet,
              torch.tensor([[[(4 + 0.5) / 16, (10 + 0.5) / 16]]]))]
-    fig, axes = plt.subplots(2, 4, figsize=(12, 6.4))
+    # 9 inches at 110 dpi, shown at the docs' content width (688 px at a 1280 px window):
+    # 11 pt text is about 11.5 px there
+    fig, axes = plt.subplots(2, 4, figsize=(9, 6.2))
     cmap = plt.get_cmap("tab20")
     for r, (title, sync, ref) in enumerate(rows):
         s = sync.tokens_per_image
@@ -202,17 +204,20 @@ def sampling_points(path: Path, *, seed: int = 0) -> None:
                 ax.scatter(xy[:, 0], xy[:, 1], s=4 + 60 * w[h, c].numpy() / wmax,
                            color=cmap(h % 20), lw=0, alpha=0.9)
             ax.plot(rxy[0] * size, rxy[1] * size, marker="x", color="black", ms=8, mew=1.6)
-            ax.set_title(f"level {c}: {size}×{size}" + ("" if ref is None else " (window)"),
-                         fontsize=9)
-            ax.tick_params(labelsize=7)
-        axes[r, 0].annotate(title, xy=(0, 1.18), xycoords="axes fraction", fontsize=10,
+            ax.set_xlim(cx - half, cx + half)  # again: the pixel grid's ticks widened them
+            ax.set_ylim(cy + half, cy - half)
+            ax.set_title(f"level {c}: {size}²", fontsize=11.5)
+            ax.tick_params(labelsize=11)
+            ax.locator_params(nbins=3)
+        axes[r, 0].annotate(title, xy=(0, 1.25), xycoords="axes fraction", fontsize=12,
                             weight="bold")
-    fig.text(0.5, 0.005, "colour = head (16), marker area ∝ attention weight, × = reference "
-             "point, grid = pixels of the level, axes in pixels; offsets at their initial "
-             "values\n(±offset_init cells of the base map: the same fraction of the image at "
-             "every level, many pixels on fine levels, about one on coarse ones)",
-             ha="center", fontsize=8)
-    fig.subplots_adjust(hspace=0.45, wspace=0.25)
+    fig.text(0.5, -0.02, "colour = head (16), marker area ∝ attention weight, × = reference "
+             "point,\ngrid = pixels of the level, axes in pixels; offsets at their initial "
+             "values (±offset_init\ncells of the base map: the same fraction of the image at "
+             "every level, many\npixels on fine levels, about one on coarse ones); UNet row: "
+             "a window of ±0.15\nof the image around the query pixel",
+             ha="center", va="top", fontsize=11)
+    fig.subplots_adjust(hspace=0.42, wspace=0.35)
     _save(fig, path)
     plt.close(fig)
 

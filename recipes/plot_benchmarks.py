@@ -17,6 +17,7 @@ import json
 import logging
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 logger = logging.getLogger("plot_benchmarks")
@@ -78,6 +79,26 @@ def _column(table: dict, name: str) -> int:
     return table["header"].index(name)
 
 
+# Legibility: the docs show a plot at most CONTENT_PX CSS pixels wide (the content column
+# of the site at a 1280 px window, measured in Chromium); a figure about FIG_W inches wide
+# is shown at about its own size there, so FONT points are about FONT pixels on the page.
+CONTENT_PX = 688
+FIG_W = 9.0
+FONT, SMALL = 12.5, 11.5
+
+
+def _wrap(text: str, width: int) -> str:
+    return "\n".join(textwrap.wrap(str(text), width, break_on_hyphens=False)) or str(text)
+
+
+def _plain_log_labels(axis) -> None:
+    """Log-axis labels as plain numbers ("1000", not a small superscript in "10³")."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def _lines(ax, tables, x, columns, ylabel, log):
     for t in tables:
         xi = _column(t, x)
@@ -97,8 +118,10 @@ def _lines(ax, tables, x, columns, ylabel, log):
         ax.set_xscale("log")
         xs = sorted({number(r[_column(t, x)]) for t in tables for r in t["rows"]})
         ax.set_xticks(xs, [f"{v:g}" for v in xs])
+        _plain_log_labels(ax.yaxis)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=SMALL, loc="upper center", bbox_to_anchor=(0.5, -0.16),
+              ncol=2 if len(tables) > 1 else len(columns), frameon=False)
 
 
 def _grouped(axes, tables, label, series, values):
@@ -117,12 +140,17 @@ def _grouped(axes, tables, label, series, values):
         for j, (name, g) in enumerate(groups.items()):
             xs = [i + j * width for i, k in enumerate(labels) if k in g]
             ax.bar(xs, [g[k] for k in labels if k in g], width, label=name)
+        crowded = max(len(k) for k in labels) > 75 / len(labels)  # ~7 pt a character
         ax.set_xticks([i + 0.4 - width / 2 for i in range(len(labels))], labels,
-                      rotation=25, ha="right", fontsize=8)
+                      fontsize=SMALL, rotation=25 if crowded else 0,
+                      ha="right" if crowded else "center", rotation_mode="anchor")
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_ylabel(col)
+        ax.set_ylabel(_wrap(col, 22))
         ax.grid(axis="y", alpha=0.3)
-    axes[-1].legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    if len(groups) > 1 or any(groups):  # one untitled table: nothing to tell apart
+        axes[0].legend(fontsize=SMALL, loc="lower center", bbox_to_anchor=(0.5, 1.02),
+                       ncol=min(len(groups), 3 if max(map(len, groups)) > 14 else 5),
+                       frameon=False)
 
 
 def _barh(axes, tables, label, value, xlabel):
@@ -130,42 +158,53 @@ def _barh(axes, tables, label, value, xlabel):
         li, vi = _column(t, label), _column(t, value)
         rows = [(r[li], number(r[vi])) for r in t["rows"] if number(r[vi]) is not None]
         ax.barh(range(len(rows)), [v for _, v in rows], color="#4c72b0")
-        ax.set_yticks(range(len(rows)), [k for k, _ in rows], fontsize=8)
+        ax.set_yticks(range(len(rows)), [_wrap(k, 34) for k, _ in rows], fontsize=SMALL)
         ax.invert_yaxis()
         if "log" in xlabel:
             ax.set_xscale("log")
+            _plain_log_labels(ax.xaxis)
         ax.set_xlabel(xlabel)
         ax.grid(axis="x", alpha=0.3)
+        ax.margins(x=0.12)
         for i, (_, v) in enumerate(rows):
-            ax.text(v, i, f" {v:,.0f}" if v >= 100 else f" {v:.3g}", va="center", fontsize=7)
+            ax.text(v, i, f" {v:,.0f}" if v >= 100 else f" {v:.3g}", va="center",
+                    fontsize=SMALL)
         if t.get("title"):
-            ax.set_title(t["title"], fontsize=9)
+            ax.set_title(t["title"], fontsize=FONT)
 
 
 def plot(record: dict, path: Path) -> None:
-    """One figure of one saved suite run (see ``SPECS``)."""
+    """One figure of one saved suite run (see ``SPECS``), legible at the docs' width."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"svg.hashsalt": "mmlayers", "svg.fonttype": "none", "font.size": 9})
+    plt.rcParams.update({"svg.hashsalt": "mmlayers", "svg.fonttype": "none",
+                         "font.size": FONT, "xtick.labelsize": SMALL,
+                         "ytick.labelsize": SMALL, "legend.fontsize": SMALL})
     suite, tables = record["suite"], record["tables"]
     if suite not in SPECS:
         raise ValueError(f"no plot defined for suite {suite!r}; known: {sorted(SPECS)}")
     kind, *spec = SPECS[suite]
     if kind == "lines":
-        fig, ax = plt.subplots(figsize=(7, 4.2))
+        fig, ax = plt.subplots(figsize=(FIG_W, 5.2), layout="constrained")
         _lines(ax, tables, *spec)
     elif kind == "grouped":
-        fig, axes = plt.subplots(1, len(spec[2]), figsize=(6 * len(spec[2]), 4.2), squeeze=False)
-        _grouped(axes[0], tables, *spec)
+        n = len(spec[2])
+        fig, axes = plt.subplots(n, 1, figsize=(FIG_W, 1.4 + 3.6 * n), squeeze=False,
+                                 layout="constrained")
+        _grouped(axes[:, 0], tables, *spec)
     else:
-        fig, axes = plt.subplots(len(tables), 1, squeeze=False,
-                                 figsize=(8, 0.5 + 0.32 * sum(len(t["rows"]) + 2 for t in tables)))
+        rows = sum(len(t["rows"]) + 2 for t in tables)
+        fig, axes = plt.subplots(len(tables), 1, squeeze=False, layout="constrained",
+                                 figsize=(FIG_W, 0.6 + 0.5 * rows))
         _barh(axes[:, 0], tables, *spec)
-    fig.suptitle(f"{suite} · {record['date']} · {record['machine']}\n$ {record['command']}",
-                 fontsize=7.5, family="monospace", y=1.0, va="bottom")
+    command = textwrap.wrap(f"$ {record['command']}", 84, subsequent_indent="    ",
+                            break_on_hyphens=False)
+    head = textwrap.wrap(f"{suite} · {record['date']} · {record['machine']}", 84)
+    fig.suptitle("\n".join([*head, *command]), fontsize=SMALL, family="monospace",
+                 ha="left", x=0.0)
     fig.savefig(path, metadata={"Date": None}, bbox_inches="tight")
     plt.close(fig)
     logger.info("wrote %s", path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,28 @@ def test_plot_script_writes_one_svg_per_saved_run(tmp_path):
         text = p.read_text()
         assert text.lstrip().startswith("<?xml") and "<svg" in text
         assert "recipes/benchmark.py" in text  # the command is printed on the figure
+
+
+def smallest_text_px(svg: str, content_px: float = plot_benchmarks.CONTENT_PX) -> float:
+    """The smallest font of an SVG, in CSS pixels, when the docs show it: at its own size
+    (pt units) or shrunk to the content column, whichever is smaller."""
+    width = float(re.search(r'viewBox="0 0 ([\d.]+)', svg).group(1))
+    sizes = [float(x) for x in re.findall(r"font-size: ([\d.]+)px", svg)]
+    assert sizes, "no text in the SVG (fonts must stay text: svg.fonttype none)"
+    return min(sizes) * min(content_px, width * 4 / 3) / width
+
+
+def test_plot_text_is_at_least_11px_at_the_docs_width(tmp_path):
+    pytest.importorskip("matplotlib")
+    fresh = plot_benchmarks.main(["--data", str(SAVED), "--out", str(tmp_path)])
+    for p in [*fresh, *SAVED.glob("*.svg")]:  # what the script draws and what the docs show
+        assert smallest_text_px(p.read_text()) >= 11, p
+
+
+def test_the_legibility_check_can_fail():
+    svg = '<svg viewBox="0 0 1000 400"><text style="font-size: 12px">a</text></svg>'
+    assert smallest_text_px(svg) == pytest.approx(12 * 688 / 1000)  # shrunk: 8.3 px
+    assert smallest_text_px(svg.replace("1000", "400")) == pytest.approx(16)  # 12 pt
 
 
 def test_import_md_then_plot(tmp_path):
