@@ -234,11 +234,12 @@ def check_out_dir(path: str | os.PathLike, *, resume: bool) -> None:
     checkpoint; either needs the directory to be writable (it is created)."""
     out = Path(path)
     previous = [n for n in ("checkpoints", "metrics.jsonl", "model") if (out / n).exists()]
+    resumable = (out / "checkpoints" / "latest").is_file()
     if not resume and previous:
+        todo = "continue it with --resume" if resumable else "it has no checkpoint: remove it"
         raise ValueError(f"train.out_dir={str(path)!r} holds a previous run "
-                         f"({', '.join(previous)}); continue it with --resume or choose a new "
-                         f"train.out_dir")
-    if resume and not (out / "checkpoints" / "latest").is_file():
+                         f"({', '.join(previous)}); {todo} or choose a new train.out_dir")
+    if resume and not resumable:
         raise ValueError(f"--resume: train.out_dir={str(path)!r} has no checkpoint "
                          f"(checkpoints/latest is missing); run without --resume to start")
     writable_dir(out)

@@ -124,11 +124,15 @@ def test_out_dir_with_a_previous_run_or_nothing_to_resume(tmp_path, capsys):
     (out / "metrics.jsonl").write_text("")
     assert _main_fails([f"train.out_dir={out}"], capsys) == (
         f"train.py: train.out_dir={str(out)!r} holds a previous run (checkpoints, "
-        f"metrics.jsonl); continue it with --resume or choose a new train.out_dir")
+        f"metrics.jsonl); it has no checkpoint: remove it or choose a new train.out_dir")
     assert _main_fails([f"train.out_dir={out}", "--resume"], capsys) == (
         f"train.py: --resume: train.out_dir={str(out)!r} has no checkpoint "
         f"(checkpoints/latest is missing); run without --resume to start")
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    (out / "checkpoints" / "latest").write_text("step_000002")
+    assert _main_fails([f"train.out_dir={out}"], capsys) == (
+        f"train.py: train.out_dir={str(out)!r} holds a previous run (checkpoints, "
+        f"metrics.jsonl); continue it with --resume or choose a new train.out_dir")
 
 
 def test_unwritable_out_dir(tmp_path, capsys):
