@@ -212,6 +212,10 @@ def check_config(cfg: dict) -> None:
                 raise _unknown(f"data.datasets[{i}].{name}",
                                {f"data.datasets[{i}].{k}" for k in DATASET_KEYS})
             _check_value(f"data.datasets[{i}].{name}", spec, name, DATASET_KEYS[name])
+        for name in ("name", "kind", "shards") + (("images",) if spec.get("kind") == "mmc4" else ()):
+            if name not in spec:
+                raise ValueError(f"config key data.datasets[{i}].{name} is missing; expected "
+                                 f"{DATASET_KEYS[name][0]}")
     _model_overrides(cfg["model"].get("overrides") or {})
 
 

@@ -63,6 +63,22 @@ def test_bad_keys_and_values_are_one_line_errors(override, message):
     assert str(info.value) == message
 
 
+@pytest.mark.parametrize(("datasets", "message"), [
+    ("[{name: a, kind: pairs, shards: 'x/*.tar', weigth: 2}]",
+     "unknown config key data.datasets[0].weigth; did you mean data.datasets[0].weight?"),
+    ("[{name: a, kind: mmc4, shards: 'x/*.jsonl'}]",
+     "config key data.datasets[0].images is missing; expected a string"),
+    ("[{name: a, kind: pair, shards: 'x/*.tar'}]",
+     "bad value data.datasets[0].kind='pair' (str); expected one of 'pairs', 'mmc4'; did you "
+     "mean 'pairs'?"),
+])
+def test_web_datasets_are_checked(datasets, message):
+    with pytest.raises(ValueError) as info:
+        train.load_config(train.DEFAULT_CONFIG, ["data.source=webdata",
+                                                 f"data.datasets={datasets}"])
+    assert str(info.value) == message
+
+
 def test_good_configs_pass_and_numbers_written_as_text_are_numbers():
     cfg = train.load_config(train.DEFAULT_CONFIG, ["train.lr=1e-3", "train.time_limit=null",
                                                    "train.frozen_dtype=bf16",
