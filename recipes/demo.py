@@ -99,7 +99,6 @@ def run(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     overrides = [f"train.out_dir={out / 'train'}"]
     steps = args.steps if args.steps is not None else (4 if args.quick else None)
     if steps is not None:
@@ -109,6 +108,7 @@ def run(argv: list[str] | None = None) -> dict:
     if args.threads:
         overrides.append(f"train.threads={args.threads}")
     cfg = train_recipe.load_config(args.config, overrides + list(args.overrides))
+    out.mkdir(parents=True, exist_ok=True)  # after the config checks: a bad one leaves nothing
     if cfg["train"].get("threads"):
         torch.set_num_threads(int(cfg["train"]["threads"]))
     n = args.eval_docs or (4 if args.quick else 100)
@@ -124,7 +124,13 @@ def run(argv: list[str] | None = None) -> dict:
     result = train_recipe.train(cfg)
     model = result["model"].eval()
     t1 = time.perf_counter()
-    scores, rows = evaluate(model, cfg, n)
+    try:
+        scores, rows = evaluate(model, cfg, n)
+    except KeyboardInterrupt:
+        logger.error("demo: stopped by Ctrl-C during the evaluation; the trained model is in %s "
+                     "(MMInterleaved.from_pretrained); no page was written",
+                     Path(cfg["train"]["out_dir"]) / "model")
+        raise SystemExit(130) from None
     eval_seconds = time.perf_counter() - t1
     last = result["history"][-1] if result["history"] else {}
     cut = result["stopped_by_time_limit"]

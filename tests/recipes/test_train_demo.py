@@ -131,3 +131,25 @@ def test_time_budget_cuts_training_and_the_page_says_so(tmp_path):
     assert metrics["train_steps"] == 1 and metrics["planned_steps"] == 50
     page = (tmp_path / "index.html").read_text()
     assert "cut short by the time budget" in page and "1 of 50" in page
+
+
+def test_ctrl_c_during_evaluation_exits_with_one_line(tmp_path, monkeypatch, caplog):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "evaluate", interrupted)
+    with pytest.raises(SystemExit) as info:
+        demo.run(["--steps", "1", "--eval-docs", "2", "--out", str(tmp_path), *MICRO,
+                  "train.eval_every=0"])
+    assert info.value.code == 130
+    assert "stopped by Ctrl-C during the evaluation" in caplog.text
+    assert str(tmp_path / "train" / "model") in caplog.text
+    assert (tmp_path / "train" / "model" / "model.safetensors").exists()
+    assert not (tmp_path / "index.html").exists()
+
+
+def test_a_bad_config_leaves_no_output_folder(tmp_path):
+    out = tmp_path / "demo"
+    with pytest.raises((ValueError, KeyError, SystemExit)):
+        demo.run(["--quick", "--out", str(out), "train.stepz=3"])
+    assert not out.exists()
