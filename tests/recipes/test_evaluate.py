@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -137,6 +140,43 @@ def test_clip_scores_of_generated_images(setup, tmp_path):
                     .convert("RGB") for i in ids])
     assert t2i["scores"]["clip_text_image"] == pytest.approx(want["clip_text_image"])
     assert t2i["scores"]["clip_image_image"] == pytest.approx(want["clip_image_image"])
+
+
+def test_two_processes_equal_one(setup, tmp_path, monkeypatch):
+    """Items are split over 2 CPU processes (gloo), gathered and scored once by rank 0."""
+    pytest.importorskip("accelerate")
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    tasks = "coco_caption,vqav2,coco_t2i"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(root / "recipes" / "configs" / "accelerate_cpu_2proc.yaml"),
+           "--main_process_port", str(port), str(root / "recipes" / "evaluate.py"),
+           "--model", str(setup / "model"), "--tasks", tasks, "--data-root",
+           str(setup / "data"), "--out", str(tmp_path / "two"), "--max-new-tokens", "3",
+           "--num-beams", "1", "--steps", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "results.json").read_text())["tasks"]
+    monkeypatch.setattr(evaluate, "meteor", lambda c, r: (None, "test: METEOR not run"))
+    one = run(setup, tmp_path / "one", tasks)["tasks"]
+    # Both processes generated: each wrote its own share of the predictions.
+    shares = [len((tmp_path / "two" / "coco_caption" / f"predictions.rank{r}.jsonl")
+                  .read_text().splitlines()) for r in (0, 1)]
+    assert shares == [2, 1] and two["coco_caption"]["processes"] == 2
+    for task in ("coco_caption", "vqav2"):
+        assert two[task]["predictions"] == one[task]["predictions"]
+        for k, v in one[task]["scores"].items():
+            assert two[task]["scores"][k] == pytest.approx(v, rel=1e-12), (task, k)
+    # Generated images are the same pixels whichever process drew them.
+    from PIL import Image
+    for i, path in one["coco_t2i"]["predictions"].items():
+        a = Image.open(path).tobytes()
+        b = Image.open(two["coco_t2i"]["predictions"][i]).tobytes()
+        assert a == b, i
 
 
 def test_bad_inputs_are_named(setup, tmp_path):
