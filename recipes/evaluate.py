@@ -60,6 +60,8 @@ def parse(argv):
     p.add_argument("--clip", default=None,
                    help="local transformers CLIP directory for the CLIP scores of generated "
                         "images (the official evaluation uses clip-vit-large-patch14)")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="images per caption reranked by CLIP (default: the task's; needs --clip)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
@@ -84,14 +86,25 @@ def prompt_session(session, pieces, image_path=None):
 def predict(session, task, item, args, out_dir):
     """One prediction: generated text (caption, VQA) or the path of a generated image."""
     if task.kind == "text_to_image":
-        prompt_session(session, render_prompt(task, caption=item["caption"]))
-        gen = torch.Generator().manual_seed(args.seed)
         steps = args.steps or task.image.num_inference_steps
-        image = session.generate_image(num_inference_steps=steps,
-                                       guidance_scale=task.image.guidance_scale, generator=gen)
+        count = args.candidates or task.image.num_candidates
+        if args.clip is None:
+            count = 1  # nothing to rerank with; the report says so
+        images = []
+        for k in range(count):  # candidate k is seeded with seed + k in every process
+            prompt_session(session, render_prompt(task, caption=item["caption"]))
+            images.append(session.generate_image(
+                num_inference_steps=steps, guidance_scale=task.image.guidance_scale,
+                generator=torch.Generator().manual_seed(args.seed + k)))
+        best = 0
+        if count > 1:  # keep the candidate closest to its caption, as the official run does
+            model, processor = clip_model(args)
+            sims = [clip_similarity(model, processor, [im], texts=[item["caption"]])
+                    ["clip_text_image"] for im in images]
+            best = max(range(count), key=sims.__getitem__)
         path = out_dir / "images" / f"{item['id']}.png"
         path.parent.mkdir(exist_ok=True)
-        image.save(path)
+        images[best].save(path)
         return str(path)
     question = item.get("question")
     prompt_session(session, render_prompt(task, question=question), item["image"])
@@ -144,13 +157,20 @@ def meteor(candidates, references):
         return None, f"the METEOR scorer failed: {e!r}"
 
 
-def clip_scores(clip_dir, items, preds):
+def clip_model(args):
+    """The ``--clip`` model and processor, loaded once."""
+    if getattr(args, "_clip", None) is None:
+        from transformers import CLIPModel, CLIPProcessor
+        args._clip = (CLIPModel.from_pretrained(args.clip).eval(),
+                      CLIPProcessor.from_pretrained(args.clip))
+    return args._clip
+
+
+def clip_scores(args, items, preds):
     """CLIP similarities of the generated images, or (None, why they were skipped)."""
-    if clip_dir is None:
+    if args.clip is None:
         return None, "no --clip directory given (a local transformers CLIP model)"
-    from transformers import CLIPModel, CLIPProcessor
-    model = CLIPModel.from_pretrained(clip_dir).eval()
-    processor = CLIPProcessor.from_pretrained(clip_dir)
+    model, processor = clip_model(args)
     images = [Image.open(preds[it["id"]]).convert("RGB") for it in items]
     real = [it.get("image") for it in items]
     refs = [Image.open(r).convert("RGB") for r in real] if all(real) else None
@@ -181,11 +201,14 @@ def score(task, items, preds, args):
                       "<out>/<task>/images, the statistics go to "
                       "mmlayers.evaluation.frechet_distance")
     scores = {"images": len(items)}
-    clip, why = clip_scores(args.clip, items, preds)
+    clip, why = clip_scores(args, items, preds)
     if why is None:
         scores.update(clip)
     else:
         skipped["CLIP score"] = why
+    if (args.candidates or task.image.num_candidates) > 1 and args.clip is None:
+        skipped["CLIP rerank"] = (f"one image per caption instead of "
+                                  f"{task.image.num_candidates} reranked: no --clip model")
     return scores, skipped
 
 
@@ -227,7 +250,8 @@ def run_task(model, task, args, out):
             "settings": {"text": vars(task.text) if task.text else None,
                          "image": vars(task.image) if task.image else None,
                          "overrides": {"max_new_tokens": args.max_new_tokens,
-                                       "num_beams": args.num_beams, "steps": args.steps}},
+                                       "num_beams": args.num_beams, "steps": args.steps,
+                                       "candidates": args.candidates}},
             "predictions": {str(it["id"]): preds[it["id"]] for it in items}}
 
 

@@ -108,7 +108,7 @@ def test_scores_skips_and_resume(setup, tmp_path, monkeypatch):
     want = sum(vqa_accuracy(extract_vqa_answer(p), ["red"] * 6 + ["blue"] * 4)
                for p in vqa["predictions"].values()) / 3
     assert vqa["scores"]["VQA accuracy"] == pytest.approx(want)
-    assert set(t["coco_t2i"]["skipped"]) == {"FID", "CLIP score"}
+    assert set(t["coco_t2i"]["skipped"]) == {"FID", "CLIP score", "CLIP rerank"}
     assert all(Path(p).is_file() for p in t["coco_t2i"]["predictions"].values())
     assert "NDCG" in t["visdial"]["skipped"]
     assert "| coco_caption | 3 |" in (tmp_path / "results.md").read_text()
@@ -140,6 +140,24 @@ def test_clip_scores_of_generated_images(setup, tmp_path):
                     .convert("RGB") for i in ids])
     assert t2i["scores"]["clip_text_image"] == pytest.approx(want["clip_text_image"])
     assert t2i["scores"]["clip_image_image"] == pytest.approx(want["clip_image_image"])
+
+    # Rerank: of the images seeded 0 and 1 (what --seed 0 and --seed 1 draw alone), the
+    # one closer to its caption is kept.
+    model = transformers.CLIPModel.from_pretrained(setup / "clip").eval()
+    proc = transformers.CLIPProcessor.from_pretrained(setup / "clip")
+    alone = [run(setup, tmp_path / f"seed{k}", "coco_t2i", "--seed", str(k),
+                 "--candidates", "1", "--clip", str(setup / "clip"))["tasks"]["coco_t2i"]
+             for k in (0, 1)]
+    both = run(setup, tmp_path / "both", "coco_t2i", "--candidates", "2",
+               "--clip", str(setup / "clip"))["tasks"]["coco_t2i"]
+    assert "CLIP rerank" not in both["skipped"]
+    for i in ids:
+        cands = [Image.open(a["predictions"][i]).convert("RGB") for a in alone]
+        sims = [clip_similarity(model, proc, [c], texts=["a blue square on the right ."])
+                ["clip_text_image"] for c in cands]
+        assert sims[0] != sims[1]
+        best = cands[max(range(2), key=sims.__getitem__)]
+        assert Image.open(both["predictions"][i]).convert("RGB").tobytes() == best.tobytes()
 
 
 def test_two_processes_equal_one(setup, tmp_path, monkeypatch):
