@@ -8,7 +8,8 @@ Each task reads ``<data-root>/<task>/annotations.json`` (the layout in
 official template and decoding settings (``mmlayers.evaluation.TASKS``; ``--max-new-tokens``,
 ``--num-beams`` and ``--steps`` override them for quick runs), and scores the predictions:
 CIDEr-D and BLEU-4 for captions (METEOR when Java and pycocoevalcap are installed), VQA
-accuracy after the official answer extraction, and generated images written to disk for
+accuracy after the official answer extraction, VisDial NDCG of the options ranked by
+their log-likelihood, and generated images written to disk for
 text-to-image (with their CLIP similarity to the caption and to the real image when
 ``--clip`` names a local CLIP model). Predictions are appended to
 ``<out>/<task>/predictions.jsonl`` as they are made, so a re-run with the same ``--out``
@@ -37,8 +38,11 @@ from mmlayers.evaluation import (
     clip_similarity,
     extract_vqa_answer,
     get_task,
+    ndcg,
+    option_log_likelihoods,
     read_task_items,
     render_prompt,
+    visdial_prompt,
     vqa_accuracy,
 )
 from mmlayers.models import InterleavedSession, MMInterleaved
@@ -106,26 +110,25 @@ def predict(session, task, item, args, out_dir):
         path.parent.mkdir(exist_ok=True)
         images[best].save(path)
         return str(path)
+    if task.kind == "visdial":  # the official generate_scores mode
+        context, _ = visdial_prompt(item["caption"], item["dialog"], item["round"])
+        image = Image.open(item["image"]).convert("RGB")
+        return option_log_likelihoods(session.model, [image, context], item["options"]).tolist()
     question = item.get("question")
     prompt_session(session, render_prompt(task, question=question), item["image"])
     t = task.text
-    result = session.generate_text(
+    return session.generate_text(
         max_new_tokens=args.max_new_tokens or t.max_new_tokens,
         num_beams=args.num_beams or t.num_beams, length_penalty=t.length_penalty,
         repetition_penalty=t.repetition_penalty, allow_image=False,
-        min_new_tokens=min(t.min_length, args.max_new_tokens or t.min_length))
-    return result.text.strip()
+        min_new_tokens=min(t.min_length, args.max_new_tokens or t.min_length)).text.strip()
 
 
 def load_cache(task_dir):
     """Cached predictions of every earlier run and process (``predictions*.jsonl``)."""
-    done = {}
-    for path in sorted(task_dir.glob("predictions*.jsonl")):
-        for line in path.read_text().splitlines():
-            if line.strip():
-                rec = json.loads(line)
-                done[rec["id"]] = rec["prediction"]
-    return done
+    recs = [json.loads(line) for path in sorted(task_dir.glob("predictions*.jsonl"))
+            for line in path.read_text().splitlines() if line.strip()]
+    return {rec["id"]: rec["prediction"] for rec in recs}
 
 
 def process_state(cpu: bool):
@@ -197,6 +200,9 @@ def score(task, items, preds, args):
         accs = [vqa_accuracy(extract_vqa_answer(preds[it["id"]]), it["answers"],
                              style=task.vqa_style) for it in items]
         return {"VQA accuracy": sum(accs) / len(accs)}, skipped
+    if task.kind == "visdial":
+        return {"NDCG": ndcg([preds[it["id"]] for it in items],
+                             [it["relevance"] for it in items])}, skipped
     skipped["FID"] = ("not computed by this recipe yet: the generated images are in "
                       "<out>/<task>/images, the statistics go to "
                       "mmlayers.evaluation.frechet_distance")
@@ -213,9 +219,6 @@ def score(task, items, preds, args):
 
 
 def run_task(model, task, args, out):
-    if task.kind == "visdial":
-        return {"skipped": {"NDCG": "option scoring (the official generate_scores mode) is "
-                                    "not implemented in this recipe yet"}}
     items = read_task_items(args.data_root, task.name, task.kind)[: args.max_items]
     task_dir = out / task.name
     task_dir.mkdir(parents=True, exist_ok=True)
@@ -272,8 +275,7 @@ def main(argv=None):
         raise ValueError(f"--model {args.model!r} has no config.json (a directory written by "
                          "MMInterleaved.save_pretrained is expected)")
     for task in args.tasks:  # check every data file before loading the model
-        if task.kind != "visdial":
-            read_task_items(args.data_root, task.name, task.kind)
+        read_task_items(args.data_root, task.name, task.kind)
     model = MMInterleaved.from_pretrained(args.model, train_policy=False).to(args.device).eval()
     if model.tokenizer is None:
         raise ValueError(f"--model {args.model!r} was saved without a tokenizer")

@@ -12,6 +12,7 @@ from mmlayers.evaluation.bleu import bleu
 from mmlayers.evaluation.cider import cider_d
 from mmlayers.evaluation.clip_similarity import clip_similarity
 from mmlayers.evaluation.frechet import feature_statistics, frechet_distance
+from mmlayers.evaluation.option_scores import option_log_likelihoods
 from mmlayers.evaluation.readers import (
     LAYOUT,
     coco_captions_items,
@@ -53,6 +54,7 @@ __all__ = [
     "karpathy_items",
     "ndcg",
     "normalize_vqa_answer",
+    "option_log_likelihoods",
     "ptb_tokenize",
     "read_task_items",
     "render_prompt",

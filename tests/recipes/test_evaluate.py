@@ -17,7 +17,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "recipes"))
 import evaluate  # noqa: E402
 
 from mmlayers.data import to_pil, word_level_tokenizer  # noqa: E402
-from mmlayers.evaluation import bleu, cider_d, extract_vqa_answer, vqa_accuracy  # noqa: E402
+from mmlayers.evaluation import (  # noqa: E402
+    bleu,
+    cider_d,
+    extract_vqa_answer,
+    ndcg,
+    vqa_accuracy,
+)
 from mmlayers.models import MMInterleaved, MMInterleavedConfig  # noqa: E402
 
 WORDS = ("a red green blue circle square on the left right . photo of based image please "
@@ -54,7 +60,12 @@ def setup(tmp_path_factory):
     for i in range(2):
         to_pil(torch.rand(3, 32, 32, generator=g)).save(data / "coco_t2i" / "images" / f"{i}.png")
     save_tiny_clip(root / "clip")
-    for task, items in (("coco_caption", caps), ("vqav2", vqa), ("coco_t2i", t2i)):
+    vd = [{"id": i, "image": f"../vqav2/images/{i}.png", "caption": "a red circle",
+           "dialog": [["is it red", "yes"], ["is it left", "no"], ["what colour is it", "red"]],
+           "round": 3, "options": ["red", "blue", "a green square", "left"],
+           "relevance": [1.0, 0.0, 0.5, 0.0]} for i in range(2)]
+    for task, items in (("coco_caption", caps), ("vqav2", vqa), ("coco_t2i", t2i),
+                        ("visdial", vd)):
         (data / task).mkdir(exist_ok=True)
         (data / task / "annotations.json").write_text(json.dumps({"task": task, "items": items}))
     return root
@@ -110,7 +121,20 @@ def test_scores_skips_and_resume(setup, tmp_path, monkeypatch):
     assert vqa["scores"]["VQA accuracy"] == pytest.approx(want)
     assert set(t["coco_t2i"]["skipped"]) == {"FID", "CLIP score", "CLIP rerank"}
     assert all(Path(p).is_file() for p in t["coco_t2i"]["predictions"].values())
-    assert "NDCG" in t["visdial"]["skipped"]
+    vd = t["visdial"]
+    assert all(len(p) == 4 for p in vd["predictions"].values())
+    assert vd["scores"]["NDCG"] == pytest.approx(
+        ndcg(list(vd["predictions"].values()), [[1.0, 0.0, 0.5, 0.0]] * 2))
+    from PIL import Image
+
+    from mmlayers.evaluation import option_log_likelihoods, visdial_prompt
+    model = MMInterleaved.from_pretrained(setup / "model", train_policy=False).eval()
+    context, _ = visdial_prompt("a red circle", [["is it red", "yes"], ["is it left", "no"],
+                                                  ["what colour is it", "red"]], 3)
+    image = Image.open(setup / "data" / "vqav2" / "images" / "0.png").convert("RGB")
+    want = option_log_likelihoods(model, [image, context], ["red", "blue", "a green square",
+                                                             "left"])
+    assert vd["predictions"]["0"] == pytest.approx(want.tolist(), rel=1e-5)
     assert "| coco_caption | 3 |" in (tmp_path / "results.md").read_text()
 
     # Resume: nothing is generated again; drop one cached prediction and only it is redone.
