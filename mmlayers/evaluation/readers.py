@@ -24,7 +24,18 @@ import json
 import os
 from typing import Any
 
-__all__ = ["LAYOUT", "coco_captions_items", "karpathy_items", "read_task_items", "vqa_items"]
+__all__ = [
+    "LAYOUT",
+    "coco_captions_items",
+    "coco_t2i_items",
+    "karpathy_items",
+    "lncoco_items",
+    "paragraph_items",
+    "read_task_items",
+    "visdial_items",
+    "vizwiz_items",
+    "vqa_items",
+]
 
 #: Required keys of an item, by task kind.
 LAYOUT = {
@@ -147,4 +158,97 @@ def vqa_items(questions: dict, annotations: dict, *, image_format: str) -> list[
         image = q.get("image") or image_format.format(image_id=q["image_id"])
         out.append({"id": q["question_id"], "image": image, "question": q["question"],
                     "answers": answers[q["question_id"]]})
+    return out
+
+
+def vizwiz_items(entries: list[dict], *, folder: str = "val") -> list[dict]:
+    """VQA items from the VizWiz ``val.json`` (a list of ``{"image", "question",
+    "answers": [{"answer": ...}, ...]}``); the id is the number in the file name.
+
+    Examples:
+        >>> vizwiz_items([{"image": "VizWiz_val_00000007.jpg", "question": "What is it?",
+        ...                "answers": [{"answer": "unanswerable"}] * 10}])[0]["id"]
+        7
+    """
+    return [{"id": int(os.path.splitext(e["image"])[0].split("_")[-1]),
+             "image": f"{folder}/{e['image']}", "question": e["question"],
+             "answers": [a["answer"] for a in e["answers"]]} for e in entries]
+
+
+def paragraph_items(paragraphs: dict, split_ids: list[int]) -> list[dict]:
+    """Caption items from Image2Paragraph's ``paragraphs_coco.json`` and a split file
+    (``test_split.json``, a list of image ids); the image path is the last two parts of
+    the annotation's ``url`` and the paragraph is the single reference (not lower-cased).
+
+    Examples:
+        >>> paragraph_items({"annotations": [{"image_id": 3, "caption": "A cat. It sits.",
+        ...     "url": "https://x/VG_100K/3.jpg"}]}, [3])[0]["image"]
+        'VG_100K/3.jpg'
+    """
+    keep = set(split_ids)
+    by_id = {a["image_id"]: a for a in paragraphs["annotations"]}
+    return [{"id": i, "image": "/".join(a["url"].split("/")[-2:]), "references": [a["caption"]]}
+            for i, a in by_id.items() if i in keep]
+
+
+def coco_t2i_items(captions: dict, *, limit: int | None = 30_000,
+                   image_format: str = "val2014/COCO_val2014_{image_id:012d}.jpg") -> list[dict]:
+    """Text-to-image items from COCO's ``captions_val2014.json``: the first ``limit``
+    captions in file order (the official 30K subset), lower-cased as the official loader
+    does, each with its real image for FID.
+
+    Examples:
+        >>> coco_t2i_items({"annotations": [{"id": 9, "image_id": 4, "caption": "A Dog"}]})
+        [{'id': 9, 'caption': 'a dog', 'image': 'val2014/COCO_val2014_000000000004.jpg'}]
+    """
+    anns = captions["annotations"][:limit]
+    return [{"id": a["id"], "caption": a["caption"].lower(),
+             "image": image_format.format(image_id=a["image_id"])} for a in anns]
+
+
+def lncoco_items(lines: list[dict], *, limit: int | None = 30_000) -> list[dict]:
+    """Text-to-image items from LN-COCO's ``coco_val_captions.jsonl`` (one JSON object
+    per line, already parsed): the Localized Narratives caption and its COCO val2017
+    image. Beyond the file's length the official loader resamples; this keeps the file.
+
+    Examples:
+        >>> lncoco_items([{"image_id": "139", "caption": "In this image we can see a TV."}])
+        [{'id': 0, 'caption': 'In this image we can see a TV.', 'image': 'val2017/000000000139.jpg'}]
+    """
+    return [{"id": i, "caption": e["caption"], "image": f"val2017/{int(e['image_id']):012d}.jpg"}
+            for i, e in enumerate(lines[:limit])]
+
+
+def visdial_items(data: dict, dense: list[dict]) -> list[dict]:
+    """VisDial items from ``visdial_1.0_val.json`` and
+    ``visdial_1.0_val_dense_annotations.json``: for each dialog with dense relevance, the
+    asked ``round`` (1-based), its 100 options and their relevance.
+
+    Examples:
+        >>> data = {"data": {"questions": ["is it red", "where"], "answers": ["yes", "left"],
+        ...     "dialogs": [{"image_id": 5, "caption": "a ball", "dialog": [
+        ...         {"question": 0, "answer": 0, "answer_options": [0, 1]},
+        ...         {"question": 1, "answer": 1, "answer_options": [1, 0]}]}]}}
+        >>> item = visdial_items(data, [{"image_id": 5, "round_id": 2, "gt_relevance": [1, 0]}])[0]
+        >>> item["dialog"], item["options"], item["round"]
+        ([['is it red', 'yes'], ['where', 'left']], ['left', 'yes'], 2)
+    """
+    d = data["data"]
+    q, a = d["questions"], d["answers"]
+    relevance = {x["image_id"]: x for x in dense}
+    out = []
+    for dialog in d["dialogs"]:
+        rel = relevance.get(dialog["image_id"])
+        if rel is None:
+            continue
+        rounds = dialog["dialog"]
+        r = rel["round_id"]
+        out.append({
+            "id": dialog["image_id"],
+            "image": f"VisualDialog_val2018/VisualDialog_val2018_{dialog['image_id']:012d}.jpg",
+            "caption": dialog["caption"],
+            "dialog": [[q[x["question"]], a[x["answer"]] if "answer" in x else ""]
+                       for x in rounds],
+            "round": r, "options": [a[i] for i in rounds[r - 1]["answer_options"]],
+            "relevance": list(rel["gt_relevance"])})
     return out

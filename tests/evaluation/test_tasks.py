@@ -109,3 +109,78 @@ def test_coco_format_converter_groups_references():
                             {"image_id": 6, "caption": "C"}]}
     items = {i["id"]: i for i in coco_captions_items(data)}
     assert items[6]["references"] == ["b", "c"] and items[5]["image"] == "5.jpg"
+
+
+def _official_fixtures():
+    """(task, kind, official files as written on disk, converter) in the real formats."""
+    from mmlayers.evaluation import (
+        coco_t2i_items,
+        karpathy_items,
+        lncoco_items,
+        paragraph_items,
+        visdial_items,
+        vizwiz_items,
+        vqa_items,
+    )
+
+    karpathy = [{"image": "val2014/COCO_val2014_000000000001.jpg",
+                 "caption": ["A cat.", "a kitten"]}]
+    vqa_q = {"questions": [{"question_id": 11, "image_id": 1, "question": "What?"}]}
+    vqa_a = {"annotations": [{"question_id": 11, "image_id": 1, "question_type": "what",
+                              "answer_type": "other", "multiple_choice_answer": "cat",
+                              "answers": [{"answer": "cat", "answer_confidence": "yes",
+                                           "answer_id": k} for k in range(1, 11)]}]}
+    vizwiz = [{"image": "VizWiz_val_00000001.jpg", "question": "What?", "answerable": 1,
+               "answer_type": "other", "answers": [{"answer": "cat",
+                                                    "answer_confidence": "yes"}] * 10}]
+    para = {"annotations": [{"image_id": 1, "caption": "A cat. It sleeps.",
+                             "url": "https://cs.stanford.edu/VG_100K/1.jpg"}]}
+    caps = {"annotations": [{"id": 5, "image_id": 1, "caption": "A Cat"}]}
+    visdial = {"data": {"questions": ["is it a cat"], "answers": ["yes", "no"],
+                        "dialogs": [{"image_id": 1, "caption": "a cat", "dialog": [
+                            {"question": 0, "answer": 0, "answer_options": [0, 1],
+                             "gt_index": 0}]}]}}
+    dense = [{"image_id": 1, "round_id": 1, "gt_relevance": [1.0, 0.0]}]
+    return [
+        ("coco_caption", "caption", {"k.json": karpathy}, lambda f: karpathy_items(f["k.json"])),
+        ("vqav2", "vqa", {"q.json": vqa_q, "a.json": vqa_a},
+         lambda f: vqa_items(f["q.json"], f["a.json"],
+                             image_format="val2014/COCO_val2014_{image_id:012d}.jpg")),
+        ("vizwiz", "vqa", {"val.json": vizwiz}, lambda f: vizwiz_items(f["val.json"])),
+        ("image2paragraph", "caption", {"p.json": para, "s.json": [1]},
+         lambda f: paragraph_items(f["p.json"], f["s.json"])),
+        ("coco_t2i", "text_to_image", {"c.json": caps}, lambda f: coco_t2i_items(f["c.json"])),
+        ("lncoco", "text_to_image", {"l.jsonl": [{"image_id": "1", "caption": "A cat."}]},
+         lambda f: lncoco_items(f["l.jsonl"])),
+        ("visdial", "visdial", {"v.json": visdial, "d.json": dense},
+         lambda f: visdial_items(f["v.json"], f["d.json"])),
+    ]
+
+
+@pytest.mark.parametrize("fixture", _official_fixtures(), ids=lambda f: f[0])
+def test_official_files_convert_to_readable_layout(fixture, tmp_path):
+    task, kind, files, convert = fixture
+    loaded = {}
+    for name, content in files.items():  # written and read back in the official format
+        path = tmp_path / "official" / name
+        path.parent.mkdir(exist_ok=True)
+        if name.endswith(".jsonl"):
+            path.write_text("".join(json.dumps(x) + "\n" for x in content))
+            loaded[name] = [json.loads(x) for x in path.read_text().splitlines()]
+        else:
+            path.write_text(json.dumps(content))
+            loaded[name] = json.loads(path.read_text())
+    items = convert(loaded)
+    assert len(items) == 1
+    folder = tmp_path / "data" / task
+    folder.mkdir(parents=True)
+    if "image" in items[0]:
+        (folder / items[0]["image"]).parent.mkdir(parents=True, exist_ok=True)
+        (folder / items[0]["image"]).write_bytes(b"")
+    (folder / "annotations.json").write_text(json.dumps({"task": task, "items": items}))
+    got = read_task_items(tmp_path / "data", task, kind)[0]
+    assert got["id"] == items[0]["id"]
+    if kind == "vqa":
+        assert got["answers"] == ["cat"] * 10
+    if kind == "visdial":
+        assert got["options"] == ["yes", "no"] and got["relevance"] == [1.0, 0.0]
