@@ -70,10 +70,14 @@ class _Loop:
         self.m, self.t, self.per_token = model, model.config.tokens, per_token
         self.ids = [self.t.bos_id] + tok(PROMPT, add_special_tokens=False)["input_ids"]
         self.images, self.text_id = [], self.ids[1]
+        # what the session never writes in text either: padding and the unknown token
+        self.quiet = [i for i in (self.t.pad_id, getattr(tok, "unk_token_id", None))
+                      if isinstance(i, int) and i not in (self.t.eos_id, self.t.soi_id)]
 
     def _mask(self, logits):
         logits = logits.float().clone()
-        logits[[self.t.image_id, self.t.bos_id, self.t.soi_id, self.t.eos_id]] = float("-inf")
+        logits[[self.t.image_id, self.t.bos_id, self.t.soi_id, self.t.eos_id,
+                *self.quiet]] = float("-inf")
         return logits
 
     def _inputs(self, ids):
