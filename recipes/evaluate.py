@@ -117,10 +117,11 @@ def predict(session, task, item, args, out_dir):
     question = item.get("question")
     prompt_session(session, render_prompt(task, question=question), item["image"])
     t = task.text
+    beams = args.num_beams or t.num_beams  # the session's beam search has no penalty
     return session.generate_text(
-        max_new_tokens=args.max_new_tokens or t.max_new_tokens,
-        num_beams=args.num_beams or t.num_beams, length_penalty=t.length_penalty,
-        repetition_penalty=t.repetition_penalty, allow_image=False,
+        max_new_tokens=args.max_new_tokens or t.max_new_tokens, num_beams=beams,
+        length_penalty=t.length_penalty, allow_image=False,
+        repetition_penalty=t.repetition_penalty if beams == 1 else 1.0,
         min_new_tokens=min(t.min_length, args.max_new_tokens or t.min_length)).text.strip()
 
 
@@ -254,7 +255,8 @@ def run_task(model, task, args, out):
                          "image": vars(task.image) if task.image else None,
                          "overrides": {"max_new_tokens": args.max_new_tokens,
                                        "num_beams": args.num_beams, "steps": args.steps,
-                                       "candidates": args.candidates}},
+                                       "candidates": args.candidates},
+                         "beam_search_ignores": "min_length, repetition_penalty"},
             "predictions": {str(it["id"]): preds[it["id"]] for it in items}}
 
 

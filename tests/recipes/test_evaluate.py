@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
     MMInterleaved.from_config(cfg, tokenizer=tok).save_pretrained(root / "model")
     data = root / "data"
     g = torch.Generator().manual_seed(0)
-    for task in ("coco_caption", "vqav2"):
+    for task in ("coco_caption", "vqav2", "image2paragraph"):
         (data / task / "images").mkdir(parents=True)
         for i in range(3):
             to_pil(torch.rand(3, 32, 32, generator=g)).save(data / task / "images" / f"{i}.png")
@@ -65,7 +65,7 @@ def setup(tmp_path_factory):
            "round": 3, "options": ["red", "blue", "a green square", "left"],
            "relevance": [1.0, 0.0, 0.5, 0.0]} for i in range(2)]
     for task, items in (("coco_caption", caps), ("vqav2", vqa), ("coco_t2i", t2i),
-                        ("visdial", vd)):
+                        ("visdial", vd), ("image2paragraph", caps[:2])):
         (data / task).mkdir(exist_ok=True)
         (data / task / "annotations.json").write_text(json.dumps({"task": task, "items": items}))
     return root
@@ -219,6 +219,18 @@ def test_two_processes_equal_one(setup, tmp_path, monkeypatch):
         a = Image.open(path).tobytes()
         b = Image.open(two["coco_t2i"]["predictions"][i]).tobytes()
         assert a == b, i
+
+
+def test_official_beam_search_runs(setup, tmp_path, monkeypatch):
+    """Image2Paragraph's official decoding (5 beams, repetition penalty 1.2) runs as beam
+    search without the penalty, which the session's beam search does not have."""
+    monkeypatch.setattr(evaluate, "meteor", lambda c, r: (None, "test: METEOR not run"))
+    report = evaluate.main(["--model", str(setup / "model"), "--tasks", "image2paragraph",
+                            "--data-root", str(setup / "data"), "--out", str(tmp_path),
+                            "--max-new-tokens", "3"])
+    para = report["tasks"]["image2paragraph"]
+    assert para["settings"]["text"]["num_beams"] == 5 and para["items"] == 2
+    assert "repetition_penalty" in para["settings"]["beam_search_ignores"]
 
 
 def test_bad_inputs_are_named(setup, tmp_path):
