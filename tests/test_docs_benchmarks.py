@@ -49,24 +49,51 @@ def same(shown: str, saved) -> bool:
     return abs(float(m.group(1)) - value) <= 0.5 * 10 ** -decimals * (1 + 1e-6) + 1e-12
 
 
+def columns_shown(page_header, page_rows, header, rows) -> dict[str, list[str]] | None:
+    """The columns of a saved table (``header``, ``rows``) that a page table shows, as
+    {column: page cells}, or ``None`` if the page table is not a view of it. A view keeps
+    the saved table's first column as its key and is either a subset of the columns
+    (a wide table split in two) or transposed (one row per saved column, one column per
+    saved row, headed by the key values)."""
+    if not page_header or page_header[0] != header[0]:
+        return None
+    keys = [r[0] for r in rows]
+    if set(page_header) <= set(header) and len(page_rows) == len(rows):
+        shown = {h: [r[c] for r in page_rows] for c, h in enumerate(page_header)}
+    elif (len(page_header) == len(rows) + 1 and all(len(r) == len(page_header) for r in page_rows)
+          and all(r[0] in header for r in page_rows)):
+        shown = {header[0]: page_header[1:], **{r[0]: r[1:] for r in page_rows}}
+    else:
+        return None
+    if not all(same(cell, key) for cell, key in zip(shown[header[0]], keys, strict=True)):
+        return None
+    return shown
+
+
 def mismatches(page_text: str, saved: dict) -> list[str]:
     tables, bad, used = md_tables(page_text), [], set()
     for t in saved["tables"]:
         header = [str(h) for h in t["header"]]
-        match = next((k for k, (h, _) in enumerate(tables) if h == header and k not in used),
-                     None)
-        if match is None:
-            bad.append(f"no table with header {header}")
-            continue
-        used.add(match)
-        rows = tables[match][1]
-        if len(rows) != len(t["rows"]):
-            bad.append(f"{header[:3]}…: {len(rows)} rows on the page, {len(t['rows'])} saved")
-            continue
-        for r, (shown_row, saved_row) in enumerate(zip(rows, t["rows"], strict=True)):
-            for c, (shown, value) in enumerate(zip(shown_row, saved_row, strict=True)):
-                if not same(shown, value):
-                    bad.append(f"row {r} column {header[c]!r}: page {shown!r}, saved {value!r}")
+        todo = set(header)
+        for k, (h, rows) in enumerate(tables):
+            if k in used:
+                continue
+            shown = columns_shown(h, rows, header, t["rows"])
+            if shown is None or not (set(shown) - {header[0]}) & todo:
+                continue
+            used.add(k)
+            todo -= set(shown)
+            for name, cells in shown.items():
+                c = header.index(name)
+                for r, (cell, saved_row) in enumerate(zip(cells, t["rows"], strict=True)):
+                    if not same(cell, saved_row[c]):
+                        bad.append(f"row {r} column {name!r}: page {cell!r}, saved "
+                                   f"{saved_row[c]!r}")
+            if not todo:
+                break
+        if todo:
+            bad.append(f"table {header[:3]}…: columns not on the page (as they are, split "
+                       f"or transposed, with the same rows): {sorted(todo)}")
     return bad
 
 
@@ -93,3 +120,20 @@ def test_the_check_can_fail():
     assert mismatches(page.replace("| 16 |", "| 15 |"), saved)
     assert mismatches(page.replace("| ratio |", "| speed |"), saved)
     assert mismatches(page + "| 30 | 1 | 1 |\n", saved)
+
+
+def test_split_and_transposed_tables_are_checked_too():
+    saved = {"tables": [{"header": ["m", "ms", "MiB", "ratio"],
+                         "rows": [[1, 3.5181, 10, 2.06], [16, 7.25, 20, 1.5]]}]}
+    split = ("| m | ms | ratio |\n|---|---|---|\n| 1 | 3.52 | 2.06x |\n| 16 | 7.25 | 1.5x |\n"
+             "\ntext\n\n| m | MiB |\n|---|---|\n| 1 | 10 |\n| 16 | 20 |\n")
+    assert not mismatches(split, saved)
+    assert mismatches(split.replace("| 16 | 20 |", "| 16 | 21 |"), saved)
+    assert mismatches(split.replace("| m | MiB |", "| m | GiB |"), saved)  # a column lost
+    assert mismatches(split.replace("| 16 | 20 |", "| 15 | 20 |"), saved)  # other rows
+    transposed = ("| m | 1 | 16 |\n|---|---|---|\n| ms | 3.52 | 7.25 |\n| MiB | 10 | 20 |\n"
+                  "| ratio | 2.06x | 1.5x |\n")
+    assert not mismatches(transposed, saved)
+    assert mismatches(transposed.replace("| 7.25 |", "| 7.26 |"), saved)
+    assert mismatches(transposed.replace("| m | 1 | 16 |", "| m | 16 | 1 |"), saved)
+    assert mismatches(transposed.replace("| MiB | 10 | 20 |\n", ""), saved)

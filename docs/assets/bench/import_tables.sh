@@ -2,6 +2,8 @@
 # How the JSON files in this folder were made: the benchmark runs in docs/benchmarks*.md
 # predate `recipes/benchmark.py --json`, so their markdown tables (printed by the suites)
 # are parsed back, with the command, date and machine stated on each page.
+# The ops page's wide table was split in two afterwards: re-importing it needs the table
+# as the suite printed it (git history of docs/benchmarks.md).
 # New runs: python recipes/benchmark.py SUITE ... --json docs/assets/bench/SUITE.json
 # Then: python recipes/plot_benchmarks.py   (writes docs/assets/bench/SUITE.svg)
 set -euo pipefail
