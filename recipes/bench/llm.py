@@ -63,14 +63,17 @@ def build(images: int, *, slots: int, value_dim: int, seed: int = 0):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
+    parser = argparse.ArgumentParser(prog="benchmark.py llm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer tokens, one repeat")
-    parser.add_argument("--images", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 4, 16],
+                        help="image counts, one row each")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per measurement (the fastest counts)")
     parser.add_argument("--slots", type=int, default=4, help="<image> tokens per image")
-    parser.add_argument("--value-dim", type=int, default=256)
+    parser.add_argument("--value-dim", type=int, default=256,
+                        help="channels of the image pyramid the synchronizers read")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     short, long = (2, 10) if args.quick else (4, 36)

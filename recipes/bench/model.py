@@ -47,8 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py model", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=8, help="edit documents per step")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs per round (median)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds (the best counts)")
     parser.add_argument("--gen-steps", type=int, default=10, help="DDIM steps per image")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--quick", action="store_true", help="batch 4, one round of 2")

@@ -113,14 +113,15 @@ def run_one(fn, value, loc, attn, device, repeats, backward: bool):
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the inputs")
     parser.add_argument("--quick", action="store_true", help="toy sizes")
     parser.add_argument("--tiny", action="store_true",
                         help="the demo model's synchronizer shapes at head widths 4-32 (which "
                              "backend 'auto' should pick on this device)")
     parser.add_argument("--only", nargs="*", help="shape names to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (1 avoids OpenMP spin contention on a "
                              "busy shared machine; the same setting applies to every column)")

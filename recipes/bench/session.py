@@ -163,8 +163,8 @@ def main(argv: list[str] | None = None) -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=32, help="text tokens per text turn")
     p.add_argument("--steps", type=int, default=10, help="denoising steps per image")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=3, help="timed runs (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: as is)")
     p.add_argument("--preset", choices=["tiny", "wide"], default="tiny",
                    help="tiny model, or a wider LLM and vision side (same UNet)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (tests)")

@@ -131,8 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py sync", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds)")
-    parser.add_argument("--images", type=int, nargs="+", default=None)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--images", type=int, nargs="+", default=None,
+                        help="image counts m, one row each (default 1 4 16 30; --quick: 1 4 8)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed runs after one warm-up (median)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory pass")
     parser.add_argument("--precomputed", action="store_true",

@@ -128,7 +128,8 @@ def measure_step(model, batch, variant: str, m: int, args, dev: str, peak) -> di
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="benchmark.py system", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny",
+                        help="model shapes and run settings (see docs/benchmarks_system.md)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     parser.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                         help="auto: bf16 on cuda, fp32 on cpu")
@@ -139,7 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode", type=int, help="cached decoding steps")
     parser.add_argument("--gen-steps", type=int, help="denoising steps per image")
     parser.add_argument("--guidance", type=float, help="classifier-free guidance scale")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="training variants to time (default: all)")
     parser.add_argument("--profile", choices=["all", "largest", "none"],
                         help="which image counts get a profiled step for the time shares "
                              "(preset default: all for tiny, the largest for paper_13b)")

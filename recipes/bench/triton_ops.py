@@ -219,11 +219,13 @@ def _sweep(cases, device, repeats) -> list[list[object]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="benchmark.py triton_ops", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu runs the kernels in the Triton interpreter (toy sizes)")
     parser.add_argument("--quick", action="store_true", help="toy sizes (CPU interpreter)")
     parser.add_argument("--backends", default="reference,triton",
                         help="comma-separated; the first is the speed-up baseline")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed runs (default 10 on cuda, 1 on cpu)")
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="override the measured copy bandwidth (GB/s)")
     parser.add_argument("--sweep", action="store_true",
