@@ -340,6 +340,31 @@ def test_code_blocks_fit_the_page():
     assert not long_code_lines({"x": "```bash\n" + "a" * 88 + "\n```\n" + "b" * 100})
 
 
+def long_doctest_lines(texts: dict[str, str], limit: int = 88) -> list[str]:
+    """Example lines (``>>>``, ``...`` and their output) longer than ``limit`` columns,
+    counted from the ``>>>`` as the API reference shows them; {where: docstring}."""
+    bad = []
+    for where, doc in texts.items():
+        start = None  # column of the current example's ">>>"
+        for line in doc.splitlines():
+            code = line.lstrip()
+            if code.startswith(">>>"):
+                start = len(line) - len(code)
+            elif not code:
+                start = None
+            if start is not None and len(line[start:]) > limit:
+                bad.append(f"{where}: {line[start:][:60]}…")
+    return bad
+
+
+def test_docstring_examples_fit_the_page():
+    bad = long_doctest_lines(docstrings())
+    assert not bad, "wrap these example lines (88 columns at most):\n" + "\n".join(bad)
+    example = "Examples:\n    >>> f(1)\n    " + "x" * 89 + "\n\n" + "y" * 100
+    assert long_doctest_lines({"x": example}) == [f"x: {'x' * 60}…"]
+    assert not long_doctest_lines({"x": example.replace("x" * 89, "x" * 88)})
+
+
 def undocumented_parameters(package) -> list[str]:
     """Callables whose docstring has an Args section that leaves out a parameter of the
     signature (a class's ``__init__`` parameters belong to the class docstring)."""

@@ -22,7 +22,7 @@ Examples:
     ...                           num_heads=2)
     >>> sync = UNetSynchronizer.for_unet(unet, value_dim=6, dim=8, heads=2, points=2,
     ...                                  level_sizes=(4, 2)).attach(unet)
-    >>> ctx = enc(torch.randn(2, 7, 16))                      # (b, 77→5, cross_attention_dim)
+    >>> ctx = enc(torch.randn(2, 7, 16))  # (b, 77→5, cross_attention_dim)
     >>> loss = diffusion_loss(unet, DDPMScheduler(), images=torch.rand(2, 3, 8, 8) * 2 - 1,
     ...                       encoder_hidden_states=ctx, synchronizer=sync,
     ...                       pyramid=torch.randn(2, 20, 6))

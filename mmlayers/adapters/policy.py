@@ -30,8 +30,12 @@ def trainable_parameters(handle: SynchronizerHandle | None = None,
 
     Examples:
         >>> tokens = ImageTokens(hidden_size=4, soi_id=10, image_id=11)
-        >>> sorted(trainable_parameters(image_tokens=tokens))
-        ['image_tokens.head.bias', 'image_tokens.head.weight', 'image_tokens.input_rows', 'image_tokens.soi_vector']
+        >>> for name in sorted(trainable_parameters(image_tokens=tokens)):
+        ...     print(name)
+        image_tokens.head.bias
+        image_tokens.head.weight
+        image_tokens.input_rows
+        image_tokens.soi_vector
     """
     named: dict[str, nn.Parameter] = {}
     if handle is not None:
@@ -74,8 +78,11 @@ def parameter_groups(named: dict[str, nn.Parameter], *, lr: float = 1e-4,
         >>> named = {"a.sampling_offsets.weight": torch.nn.Parameter(torch.zeros(2)),
         ...          "a.gate": torch.nn.Parameter(torch.zeros(1)),
         ...          "a.value_proj.weight": torch.nn.Parameter(torch.zeros(2))}
-        >>> [(g["names"], g["lr"], g["weight_decay"]) for g in parameter_groups(named)]
-        [(['a.sampling_offsets.weight'], 1e-05, 0.05), (['a.gate'], 0.0001, 0.0), (['a.value_proj.weight'], 0.0001, 0.05)]
+        >>> for g in parameter_groups(named):
+        ...     print(g["names"], g["lr"], g["weight_decay"])
+        ['a.sampling_offsets.weight'] 1e-05 0.05
+        ['a.gate'] 0.0001 0.0
+        ['a.value_proj.weight'] 0.0001 0.05
     """
     groups: dict[tuple[float, float], dict] = {}
     for name, p in named.items():

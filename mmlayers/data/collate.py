@@ -183,9 +183,8 @@ class InterleavedCollator:
         >>> collate = InterleavedCollator(tokenizer=tok, num_image_tokens=2, max_length=16)
         >>> batch = collate([Document([torch.zeros(3, 8, 8), "a red circle."]),
         ...                  Document(["a circle."])])
-        >>> tok.convert_ids_to_tokens(batch.input_ids[0])
-        ['<s>', '<soi>', '<image>', '<image>', 'a', 'red', 'circle', '.', '</s>', '<s>', 'a', \
-'circle', '.', '</s>']
+        >>> print(" ".join(tok.convert_ids_to_tokens(batch.input_ids[0])))
+        <s> <soi> <image> <image> a red circle . </s> <s> a circle . </s>
         >>> batch.labels[0].tolist()
         [-100, -100, -100, -100, 7, 9, 8, 6, 2, -100, 7, 8, 6, 2]
         >>> tuple(batch.images.shape), batch.image_has_context.tolist()

@@ -339,7 +339,7 @@ class StreamingLoader:
         >>> loader = StreamingLoader(stream, num_workers=2)
         >>> [b.data_state["slot"] for b in loader]  # worker 0 reads shard a, worker 1 shard b
         [0, 1, 0, 1]
-        >>> loader.state_dict()["slots"][1]["at"]["position"]  # its first shard, read to the end
+        >>> loader.state_dict()["slots"][1]["at"]["position"]  # first shard, read through
         {'round': 0, 'epoch': 0, 'shard': 0, 'record': 6}
     """
 

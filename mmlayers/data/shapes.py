@@ -244,9 +244,10 @@ def parse_caption(text: str) -> list[ShapeAttributes]:
     """Shapes named in a caption (`"a [small|large] <colour> <shape> [on the left|…]"`).
 
     Examples:
-        >>> parse_caption("A red circle on the left and a small blue square.")
-        [ShapeAttributes(color='red', shape='circle', position='left', size=None), \
-ShapeAttributes(color='blue', shape='square', position=None, size='small')]
+        >>> for shape in parse_caption("A red circle on the left and a small blue square."):
+        ...     print(shape)
+        ShapeAttributes(color='red', shape='circle', position='left', size=None)
+        ShapeAttributes(color='blue', shape='square', position=None, size='small')
     """
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")

@@ -212,8 +212,9 @@ def lncoco_items(lines: list[dict], *, limit: int | None = 30_000) -> list[dict]
     image. Beyond the file's length the official loader resamples; this keeps the file.
 
     Examples:
-        >>> lncoco_items([{"image_id": "139", "caption": "In this image we can see a TV."}])
-        [{'id': 0, 'caption': 'In this image we can see a TV.', 'image': 'val2017/000000000139.jpg'}]
+        >>> item, = lncoco_items([{"image_id": "139", "caption": "We can see a TV."}])
+        >>> item
+        {'id': 0, 'caption': 'We can see a TV.', 'image': 'val2017/000000000139.jpg'}
     """
     return [{"id": i, "caption": e["caption"], "image": f"val2017/{int(e['image_id']):012d}.jpg"}
             for i, e in enumerate(lines[:limit])]
@@ -229,7 +230,8 @@ def visdial_items(data: dict, dense: list[dict]) -> list[dict]:
         ...     "dialogs": [{"image_id": 5, "caption": "a ball", "dialog": [
         ...         {"question": 0, "answer": 0, "answer_options": [0, 1]},
         ...         {"question": 1, "answer": 1, "answer_options": [1, 0]}]}]}}
-        >>> item = visdial_items(data, [{"image_id": 5, "round_id": 2, "gt_relevance": [1, 0]}])[0]
+        >>> dense = [{"image_id": 5, "round_id": 2, "gt_relevance": [1, 0]}]
+        >>> item = visdial_items(data, dense)[0]
         >>> item["dialog"], item["options"], item["round"]
         ([['is it red', 'yes'], ['where', 'left']], ['left', 'yes'], 2)
     """

@@ -124,7 +124,7 @@ def sincos_2d(
         >>> e = sincos_2d(2, 3, 4)
         >>> e.shape
         torch.Size([6, 4])
-        >>> [round(v, 4) for v in e[5].tolist()]  # row 1, column 2: [sin 2, cos 2, sin 1, cos 1]
+        >>> [round(v, 4) for v in e[5].tolist()]  # row 1, col 2: [sin 2, cos 2, sin 1, cos 1]
         [0.9093, -0.4161, 0.8415, 0.5403]
         >>> [round(v, 4) for v in sincos_2d(2, 3, 4, layout="yx")[5].tolist()]
         [0.8415, 0.5403, 0.9093, -0.4161]

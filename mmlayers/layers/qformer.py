@@ -90,8 +90,12 @@ class QFormerResampler(nn.Module):
         >>> pad[1, 6:] = True
         >>> r(ctx, context_padding_mask=pad).shape
         torch.Size([2, 4, 64])
-        >>> sorted(k for k in r.state_dict() if "layer.0.attention.attention" in k)[:4]
-        ['blip2qformer.encoder.layer.0.attention.attention.k_norm.bias', 'blip2qformer.encoder.layer.0.attention.attention.k_norm.weight', 'blip2qformer.encoder.layer.0.attention.attention.key.bias', 'blip2qformer.encoder.layer.0.attention.attention.key.weight']
+        >>> for k in sorted(k for k in r.state_dict() if ".0.attention.attention" in k)[:4]:
+        ...     print(k)
+        blip2qformer.encoder.layer.0.attention.attention.k_norm.bias
+        blip2qformer.encoder.layer.0.attention.attention.k_norm.weight
+        blip2qformer.encoder.layer.0.attention.attention.key.bias
+        blip2qformer.encoder.layer.0.attention.attention.key.weight
     """
 
     def __init__(self, *, dim: int = 768, num_queries: int = 64, depth: int = 12,

@@ -79,7 +79,8 @@ def per_row_features(flat: torch.Tensor, image_row: torch.Tensor,
 
     Examples:
         >>> f = torch.arange(3.0).view(3, 1, 1)
-        >>> per_row_features(f, torch.tensor([0, 0, 1]), torch.tensor([2, 1]))[..., 0, 0].tolist()
+        >>> out = per_row_features(f, torch.tensor([0, 0, 1]), torch.tensor([2, 1]))
+        >>> out[..., 0, 0].tolist()
         [[0.0, 1.0], [2.0, 0.0]]
     """
     b = images_per_row.shape[0]
@@ -136,8 +137,10 @@ class MMInterleaved(GenerationMixin, nn.Module):
         >>> batch = InterleavedCollator(tokenizer=tok, num_image_tokens=8, max_length=96)(
         ...     list(corpus))
         >>> out = model(batch, generator=torch.Generator().manual_seed(0))
-        >>> bool(out.loss > 0), bool(out.image_loss > 0), len(out.image_losses) == len(batch.images)
-        (True, True, True)
+        >>> bool(out.loss > 0), bool(out.image_loss > 0)
+        (True, True)
+        >>> len(out.image_losses) == len(batch.images)
+        True
     """
 
     def __init__(self, *, config: MMInterleavedConfig, llm: nn.Module, visual: nn.Module,

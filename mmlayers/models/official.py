@@ -166,8 +166,14 @@ def convert_official_state_dict(state_dict: Mapping[str, torch.Tensor], *,
         ...       "text_decoder.head_new.bias": torch.full((2,), 95.0),
         ...       "mm_decoder.embed_tokens.weight": torch.randn(6, 4),
         ...       "soi_token": torch.zeros(1, 4)}
-        >>> sorted(convert_official_state_dict(sd))
-        ['image_tokens.head.bias', 'image_tokens.head.weight', 'image_tokens.input_rows', 'image_tokens.soi_vector', 'llm.lm_head.weight', 'llm.model.embed_tokens.weight']
+        >>> for name in sorted(convert_official_state_dict(sd)):
+        ...     print(name)
+        image_tokens.head.bias
+        image_tokens.head.weight
+        image_tokens.input_rows
+        image_tokens.soi_vector
+        llm.lm_head.weight
+        llm.model.embed_tokens.weight
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping of names to tensors, got "
@@ -377,10 +383,10 @@ def load_converted_state_dict(model: torch.nn.Module, converted: Mapping[str, to
         >>> load_converted_state_dict(lin, {"weight": torch.eye(2), "bias": torch.zeros(2)})
         >>> lin.weight.tolist()
         [[1.0, 0.0], [0.0, 1.0]]
-        >>> load_converted_state_dict(lin, {"weight": torch.eye(2)})
+        >>> load_converted_state_dict(lin, {"weight": torch.eye(2)})  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: official checkpoint does not fit the model: 1 model key(s) the checkpoint does not provide: ['bias']
+        ValueError: official checkpoint does not fit the model: 1 model key(s) ... ['bias']
     """
     own = model.state_dict()
     keep = [re.compile(p) for p in KEEP_FROM_COMPONENTS]
