@@ -75,6 +75,12 @@ def _load_image():
     load_image(io.BytesIO(b""), None)
 
 
+def _render_shapes():
+    from mmlayers.data.shapes import ShapeAttributes, render_shapes
+
+    render_shapes([(ShapeAttributes("red", "square", "left", "large"), 0, 11)])
+
+
 # (missing package, the extra the message must name, the feature that reaches it)
 SITES = [
     ("transformers", "hf", _qformer),
@@ -87,6 +93,7 @@ SITES = [
     ("PIL", "data", _to_pil),
     ("PIL", "data", _read_image),
     ("PIL", "data", _load_image),
+    ("PIL", "data", _render_shapes),
 ]
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from mmlayers._optional import require
 from mmlayers.data.document import image_to_tensor
 
 __all__ = ["COLORS", "KINDS", "POSITIONS", "SHAPES", "SIZES", "ImageScore", "ShapeAttributes",
@@ -90,6 +91,7 @@ def render_shapes(placed: Sequence[tuple[ShapeAttributes, int, int]], *, size: i
         >>> img.size, img.getpixel((5, 16)), img.getpixel((20, 16))
         ((32, 32), (220, 30, 30), (255, 255, 255))
     """
+    require("PIL", "data")
     from PIL import Image, ImageDraw
 
     _check_size(size)
