@@ -28,7 +28,8 @@ official modules (Q-Former resamplers, stored ``[y|x]`` position tables, spatial
     image_decoder.perceiver_resampler.*     → context_encoder.resampler.*
     image_decoder.decoder.{unet, vae}.*     → unet.*, vae.*
     image_decoder.decoder.mmfs_module.{mmfs_down_blocks.k, mmfs_mid_block}.*
-                                            → unet_sync.{down.k, mid}.* (feat_norm → value_norm)
+                                            → unet_sync.{down.k, mid}.*
+                                               (feat_norm → value_norm)
 
 Every synchronizer (``MMFS``) loses the ignore-slot rows of ``attention_weights`` (their
 logits are overwritten in the official forward) and renames ``dynamic_offset_mask`` to
