@@ -54,87 +54,102 @@ def _save(fig, path: Path) -> None:
 # ----------------------------------------------------------------------------- architecture
 
 def architecture(path: Path) -> None:
-    """Boxes and arrows of the system (DESIGN.md section 1)."""
+    """Boxes and arrows of the system (DESIGN.md section 1).
+
+    9.5 inches wide with 11.5 pt text: shown at the docs' content width (688 px at a
+    1280 px window) the smallest text is about 11.5 px. Coordinates are in units of
+    1/100 of the width, y downwards.
+    """
     plt = _matplotlib()
     from matplotlib.patches import FancyBboxPatch
 
-    fig, ax = plt.subplots(figsize=(11, 7.2))
+    width_in, height = 9.5, 84.0
+    fig, ax = plt.subplots(figsize=(width_in, width_in * height / 100))
+    fig.subplots_adjust(0, 0, 1, 1)
     ax.set_xlim(0, 100)
-    ax.set_ylim(0, 66)
+    ax.set_ylim(height, 0)
     ax.axis("off")
+    font = 11.5
     colours = {"frozen": "#dbe7f5", "trained": "#fde3c8", "new": "#d7f0d2", "loss": "#f3d6dc",
                "data": "#eeeeee"}
+    orange = "#b35900"
 
-    def box(x, y, w, h, text, kind, size=9, weight="normal"):
+    def box(x, y, w, h, text, kind, weight="normal", va="center"):
         ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.3,rounding_size=0.8",
                                     fc=colours[kind], ec="#555555", lw=0.8))
-        ax.text(x + w / 2, y + h / 2, text, ha="center", va="center", fontsize=size,
-                weight=weight, linespacing=1.3)
+        if text:
+            ax.text(x + w / 2, y + h / 2, text, ha="center", va=va, fontsize=font,
+                    weight=weight, linespacing=1.25)
 
-    def arrow(xy0, xy1, text=None, dashed=False, tx=None, ty=None, ha="left", colour="#333333"):
+    def arrow(xy0, xy1, dashed=False, colour="#333333"):
         ax.annotate("", xy=xy1, xytext=xy0, arrowprops=dict(
             arrowstyle="-|>", lw=1.1, color=colour, linestyle="--" if dashed else "-",
             shrinkA=0, shrinkB=0))
-        if text:
-            ax.text(tx if tx is not None else (xy0[0] + xy1[0]) / 2 + 0.8,
-                    ty if ty is not None else (xy0[1] + xy1[1]) / 2, text, fontsize=8,
-                    ha=ha, va="center", color=colour, style="italic")
 
-    box(1, 55, 12, 7, "image k\n224 px", "data")
-    box(18, 55, 17, 7, "ViT\nCLIP ViT-L/14", "frozen")
-    box(43, 53, 25, 11, "multi-scale pyramid\n(ViT-Adapter)\nlevels 64², 32², 16², 8²\n× 1024 channels",
-        "trained")
-    box(18, 41, 17, 7, "perceiver resampler\n64 queries, 12 layers", "trained")
-    arrow((13.6, 58.5), (17.4, 58.5))
-    arrow((35.6, 58.5), (42.4, 58.5))
-    arrow((26.5, 54.4), (26.5, 48.6))
+    def note(x, y, text, colour="#333333"):
+        ax.text(x, y, text, fontsize=font, ha="left", va="center", color=colour,
+                style="italic", linespacing=1.25)
+
+    # vision side
+    box(0.5, 1, 14, 8, "image k\n224 px", "data")
+    box(20, 1, 22, 8, "ViT\nCLIP ViT-L/14", "frozen")
+    box(49, 0.5, 27, 13, "multi-scale pyramid\n(ViT-Adapter)\nlevels 64², 32², 16², 8²\n"
+        "× 1024 channels", "trained")
+    arrow((15.2, 5), (19.3, 5))
+    arrow((42.7, 5), (48.3, 5))
+    box(18, 17, 26, 8, "perceiver resampler\n64 queries, 12 layers", "trained")
+    arrow((31, 9.7), (31, 16.3))
 
     # the LLM
-    box(1, 18, 67, 17, "", "frozen")
-    ax.text(3, 33, "LLM (Vicuna-13B, frozen)", fontsize=10, weight="bold", va="center")
-    tokens = ["<s>", "text", "<soi>", "<image>×64", "text", "<soi>", "…"]
-    x = 3.0
-    for tok in tokens:
-        w = 3.2 + 1.05 * len(tok)
-        kind = "trained" if tok == "<image>×64" else "data"
-        box(x, 28, w, 2.6, tok, kind, size=8)
+    box(0.5, 30, 75, 27, "", "frozen")
+    ax.text(2.5, 33, "LLM (Vicuna-13B, frozen)", fontsize=font + 1, weight="bold",
+            va="center")
+    x = 2.5
+    for tok in ["<s>", "text", "<soi>", "<image>×64", "text", "<soi>", "…"]:
+        w = 2.2 + 0.95 * len(tok)
+        box(x, 36.5, w, 3.6, tok, "trained" if tok == "<image>×64" else "data")
         if tok == "<image>×64":
             image_slot_x = x + w / 2
-        x += w + 1.3
-    box(3, 19, 63, 7.2, "every 4th decoder layer:  h + attn(h)  →  h + tanh(g)·MMFS(h, "
-        "pyramids)  →  h + mlp(h)\nMMFS: deformable sparse attention, 16 heads × 8 points\n"
-        "on levels 32², 16², 8² of each visible image; g = 0 at init", "new", size=8)
-    arrow((26.5, 40.4), (image_slot_x, 31.2), "64 tokens replace\nthe <image> slots",
-          tx=31, ty=37.5, ha="left")
-    arrow((55.5, 52.4), (55.5, 25.9), "visibility mask:\ntoken t reads image k\nonly if k's "
-          "first\n<image> is at or\nbefore t, in t's\ndocument", dashed=True, tx=56.6,
-          ty=43, colour="#b35900", ha="left")
+        x += w + 1.6
+    box(2.5, 43.5, 71, 12, "every 4th decoder layer:\n"
+        "h + attn(h)  →  h + tanh(g)·MMFS(h, pyramids)  →  h + mlp(h)\n"
+        "MMFS: deformable sparse attention, 16 heads × 8 points, on\n"
+        "levels 32², 16², 8² of each visible image; g = 0 at init", "new")
+    arrow((31, 25.7), (image_slot_x, 35.8))
+    note(33, 28.3, "64 tokens replace the <image> slots")
+    arrow((60, 14.2), (60, 42.8), dashed=True, colour=orange)
+    note(61, 20.3, "visibility mask:\ntoken t reads\nimage k only if\nk's first <image>\n"
+         "is at or before t,\nin t's document", colour=orange)
 
-    # text head and image decoder
-    box(77, 25, 21, 7, "text head\nnext-token CE  (weight 1)", "loss")
-    arrow((68.6, 28.5), (76.4, 28.5), "hidden\nstates", tx=70, ty=31.8)
-    box(1, 3, 21, 9, "context of the next image:\nhidden states from the latest\n"
-        "<s> to its <soi>, reversed;\nLinear + 1-D sincos", "trained", size=8)
-    box(27, 3, 15, 9, "resampler\n77 queries\n(1 layer)", "trained", size=8)
-    box(47, 1.5, 21, 11, "", "trained")
-    ax.text(57.5, 10.2, "UNet (SD-2.1-base)\n77 vectors as its text context", ha="center",
-            va="center", fontsize=8, linespacing=1.3)
-    box(48.3, 2.3, 18.4, 4.6, "MMFS on each skip + mid,\nzero-init 1×1 conv residual",
-        "new", size=7.5)
-    box(77, 4, 21, 7, "diffusion MSE  (weight 10)", "loss")
-    arrow((11.5, 17.4), (11.5, 12.6))
-    arrow((22.6, 7.5), (26.4, 7.5))
-    arrow((42.6, 7.5), (46.4, 7.5))
-    arrow((68.6, 7.5), (76.4, 7.5))
-    ax.plot([68.8, 72, 72], [58.5, 58.5, 14.5], color="#b35900", lw=1.1, ls="--")
-    arrow((72, 14.5), (63, 12.6), colour="#b35900", dashed=True)
-    ax.text(73, 46, "the UNet drawing image k+1\nreads image k's pyramid\n"
-            "(the previous image in\nthe same document)", fontsize=8, style="italic",
-            color="#b35900", va="center")
+    # text head
+    box(80, 38, 19.5, 12, "text head on the\nhidden states:\nnext-token CE\n(weight 1)",
+        "loss")
+    arrow((76.2, 44), (79.3, 44))
+
+    # image decoder
+    box(0.5, 62, 26, 15, "context of the next\nimage: hidden states\nfrom the latest <s>\n"
+        "to its <soi>, reversed;\nLinear + 1-D sincos", "trained")
+    box(30, 64, 14, 11, "resampler\n77 queries\n(1 layer)", "trained")
+    box(48, 61, 31, 17, "", "trained")
+    ax.text(63.5, 64.5, "UNet (SD-2.1-base), 77\nvectors as its text context",
+            ha="center", va="center", fontsize=font, linespacing=1.25)
+    box(49.5, 68.5, 28, 8.5, "MMFS on each skip + mid,\nzero-init 1×1 conv residual", "new")
+    box(83, 64, 16.5, 11, "diffusion\nMSE\n(weight 10)", "loss")
+    arrow((13.5, 57.7), (13.5, 61.3))
+    arrow((27.2, 69.5), (29.3, 69.5))
+    arrow((44.7, 69.5), (47.3, 69.5))
+    arrow((79.7, 69.5), (82.3, 69.5))
+
+    # the previous image's pyramid
+    ax.plot([76.4, 78, 78], [7, 7, 58], color=orange, lw=1.1, ls="--")
+    arrow((78, 58), (72, 60.3), colour=orange, dashed=True)
+    note(79.5, 55.3, "UNet for image k+1\nreads image k's\npyramid", colour=orange)
+
     handles = [FancyBboxPatch((0, 0), 1, 1, fc=c, ec="#555555") for c in colours.values()]
-    ax.legend(handles, ["frozen pretrained", "trained", "new mmlayers blocks (start as identity)",
-                        "loss", "data"], loc="upper right", fontsize=8, frameon=False,
-              bbox_to_anchor=(1.0, 1.0))
+    ax.legend(handles, ["frozen pretrained", "trained", "new mmlayers blocks (identity at init)",
+                        "loss", "data"], loc="upper center", fontsize=font, frameon=False,
+              ncol=3, bbox_to_anchor=(50, 79.5), bbox_transform=ax.transData,
+              columnspacing=1.2, handlelength=1.5)
     _save(fig, path)
     plt.close(fig)
 

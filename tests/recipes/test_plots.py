@@ -130,4 +130,6 @@ def test_make_figures_runs(tmp_path, own_registry):
     pytest.importorskip("matplotlib")
     make_figures.main(["--out", str(tmp_path)])
     assert (tmp_path / "architecture.svg").read_text().count("<text") > 20
+    for svg in (tmp_path / "architecture.svg", ROOT / "docs" / "assets" / "architecture.svg"):
+        assert smallest_text_px(svg.read_text()) >= 11, svg
     assert (tmp_path / "sampling_points.png").read_bytes()[:4] == b"\x89PNG"
