@@ -186,7 +186,6 @@ def test_clip_scores_of_generated_images(setup, tmp_path):
 
 def test_two_processes_equal_one(setup, tmp_path, monkeypatch):
     """Items are split over 2 CPU processes (gloo), gathered and scored once by rank 0."""
-    pytest.importorskip("accelerate")
     root = Path(__file__).resolve().parents[2]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -59,7 +59,6 @@ def test_saved_json_covers_the_benchmark_pages():
 
 
 def test_plot_script_writes_one_svg_per_saved_run(tmp_path):
-    pytest.importorskip("matplotlib")
     written = plot_benchmarks.main(["--data", str(SAVED), "--out", str(tmp_path)])
     names = sorted(p.name for p in written)
     assert names == sorted(p.stem + ".svg" for p in SAVED.glob("*.json"))
@@ -79,7 +78,6 @@ def smallest_text_px(svg: str, content_px: float = plot_benchmarks.CONTENT_PX) -
 
 
 def test_plot_text_is_at_least_11px_at_the_docs_width(tmp_path):
-    pytest.importorskip("matplotlib")
     fresh = plot_benchmarks.main(["--data", str(SAVED), "--out", str(tmp_path)])
     for p in [*fresh, *SAVED.glob("*.svg")]:  # what the script draws and what the docs show
         assert smallest_text_px(p.read_text()) >= 11, p
@@ -92,7 +90,6 @@ def test_the_legibility_check_can_fail():
 
 
 def test_import_md_then_plot(tmp_path):
-    pytest.importorskip("matplotlib")
     page = tmp_path / "page.md"
     table = _common.format_table(["images", "bare ms", "mmlayers ms", "naive ms"],
                                  [[1, 2.0, 4.0, 17.0], [4, 2.5, 6.0, 55.0]])
@@ -127,7 +124,6 @@ def test_sampling_points_are_the_layers_own(own_registry):
 
 
 def test_make_figures_runs(tmp_path, own_registry):
-    pytest.importorskip("matplotlib")
     make_figures.main(["--out", str(tmp_path)])
     assert (tmp_path / "architecture.svg").read_text().count("<text") > 20
     for svg in (tmp_path / "architecture.svg", ROOT / "docs" / "assets" / "architecture.svg"):
